@@ -1,0 +1,89 @@
+"""What every CAM method shares: the hook on the target layer, gradients of the image-text score, text
+embeddings cached per prompt, and the release of the hook."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..maps import describe_flat
+from ..models.base import VisionTextModel
+
+
+@dataclass
+class GridMap:
+    """One prompt's map on the model's patch grid, before resizing to the film, and why it is empty if it is."""
+    cam: np.ndarray          # (h, w) float32, >= 0
+    warning: str = ""
+
+
+class BaseCAM(ABC):
+    """A class-activation method for a CLIP-like model. Subclasses implement `explain_grid`."""
+
+    name = "base"
+
+    def __init__(self, model: VisionTextModel, target_layer: str = "auto", batch_size: int = 64,
+                 autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.target_layer = model.default_target_layer() if target_layer == "auto" else target_layer
+        self.layer = model.find_module(self.target_layer)
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.masked_forwards = 0   # image forwards made on masked inputs, for the run's summary
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype)
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """(Q, D) embeddings; each distinct prompt is encoded once for the whole run."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            with torch.inference_mode(), self.autocast():
+                embeddings = self.model.encode_text(missing).float()
+            self._text_cache.update(zip(missing, embeddings))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    @contextlib.contextmanager
+    def _capture(self):
+        """Keep the target layer's output while the block runs; the hook is always removed."""
+        store = {}
+        handle = self.layer.register_forward_hook(lambda module, args, output: store.__setitem__("out", output))
+        try:
+            yield store
+        finally:
+            handle.remove()
+
+    def activations_and_gradients(self, pixels: torch.Tensor, text: torch.Tensor):
+        """One forward of the image and one backward per prompt of the scaled cosine score.
+
+        Returns the activations (C, h, w) and the gradients (Q, C, h, w) on the patch grid, in fp32.
+        """
+        with self._capture() as store, torch.enable_grad(), self.autocast():
+            image = self.model.encode_image(pixels.detach().clone().requires_grad_(True))
+            scores = self.model.logit_scale * image.float() @ text.T        # (1, Q)
+            output = store["out"]
+            gradients = [torch.autograd.grad(scores[0, q], output, retain_graph=q < len(text) - 1)[0]
+                         for q in range(len(text))]
+        activations = self.model.activations_to_grid(output.detach().float())[0]
+        gradients = self.model.activations_to_grid(torch.cat(gradients).float())
+        return activations, gradients
+
+    def explain(self, pixels: torch.Tensor, prompts: list[str]) -> list[GridMap]:
+        """One map per prompt for one image given as the model input (1, 3, H, W)."""
+        cams = self.explain_grid(pixels, prompts)
+        results = []
+        for cam in cams:
+            cam = cam.detach().float().cpu().numpy()
+            warning = describe_flat(cam)
+            results.append(GridMap(np.zeros_like(cam) if warning else cam, warning))
+        return results
+
+    @abstractmethod
+    def explain_grid(self, pixels: torch.Tensor, prompts: list[str]) -> list[torch.Tensor]:
+        """ReLU'd maps (h, w) on the patch grid, one per prompt."""

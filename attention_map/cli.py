@@ -1,0 +1,78 @@
+"""Command line: run | fetch-model | make-test-model | default-conf. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_MODEL, ConfigError, default_conf_text, load_settings, parse_overrides
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attention-map", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="make heatmaps and vqa_manifest.csv for a config")
+    run.add_argument("--config", type=Path, help="shell-sourced .conf file (see configs/default.conf)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the file's")
+
+    fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
+    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub id (default {DEFAULT_MODEL})")
+    fetch.add_argument("folder", type=Path)
+
+    make = commands.add_parser("make-test-model", help="write a model folder with random weights, offline")
+    make.add_argument("folder", type=Path)
+    make.add_argument("--arch", choices=("biomedclip", "tiny"), default="tiny")
+    make.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser("default-conf", help="print configs/default.conf (every key with its default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "root", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log = logging.getLogger("attention_map")
+
+    if args.command == "default-conf":
+        sys.stdout.write(default_conf_text())
+        return 0
+    if args.command == "make-test-model":
+        from .models.random_models import make_test_model
+
+        folder = make_test_model(args.folder, args.arch, args.seed)
+        log.info("wrote a random-weight %s model to %s (use MODEL=%s)", args.arch, folder, folder)
+        return 0
+    if args.command == "fetch-model":
+        from .models.fetch import fetch_model
+
+        folder = fetch_model(args.model, args.folder)
+        log.info("fetched %s into %s; on compute nodes set MODEL=%s", args.model, folder, folder)
+        return 0
+
+    from .models import ModelLoadError
+    from .pipeline import EXIT_ITEMS_FAILED, run
+    from .records import DataFileError
+
+    try:
+        settings, notes = load_settings(args.config, parse_overrides(args.overrides))
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"attention-map: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        log.info(note)
+    try:
+        summary = run(settings)
+    except (DataFileError, ModelLoadError) as error:
+        print(f"attention-map: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(summary.text())
+    return EXIT_ITEMS_FAILED if summary.failures else 0

@@ -1,0 +1,253 @@
+"""Settings of a run: read from a bash-sourced `.conf` file, typed and validated in one place.
+
+A `.conf` file is bash. It is sourced by bash itself, so `${RESULTS_ROOT}/exp_01` and `$(date)` mean exactly
+what they mean under `sbatch`. Upper-case names are settings and must be known keys; lower-case names are the
+file's own helper variables and are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+COLORMAPS = ("jet", "turbo", "inferno", "hot", "custom_purple_red")
+CAM_METHODS = ("gscorecam",)
+
+
+class ConfigError(ValueError):
+    """One or more settings are wrong; each line names the file, the key and what is wrong."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _key(default, help: str, kind: str = "str", choices: tuple = (), low=None, high=None, optional=False):
+    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, low=low, high=high,
+                                                optional=optional))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every key a run understands. The order here is the order of `configs/default.conf` and the README."""
+
+    # Data
+    RESULTS_ROOT: Path = _key(Path("results"), "root of all results; other paths may be written as ${RESULTS_ROOT}/...",
+                              "path")
+    DATA_FILE: Path | None = _key(None, "records: GEMeX JSONL/JSON, or CSV with image_path,question,answer[,prompt]",
+                                  "file")
+    IMAGE_ROOT: Path | None = _key(None, "folder the records' image paths are relative to (empty: DATA_FILE's folder)",
+                                   "dir", optional=True)
+    OUTPUT_DIR: Path = _key(Path("results/default"), "where overlays, vqa_manifest.csv and run_config.conf go",
+                            "path")
+    PROMPT_SOURCE: str = _key("question", "question: one map per question; regions: one per visual_region; both",
+                              "choice", ("question", "regions", "both"))
+    STOP_AFTER: int | None = _key(None, "process only the first N images (empty: all)", "int", low=1, optional=True)
+    # Model
+    MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`)", "model")
+    DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
+    PRECISION: str = _key("auto", "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16; autocast on cuda only",
+                          "choice", ("auto", "fp32", "bf16", "fp16"))
+    # CAM
+    CAM_METHOD: str = _key("gscorecam", "class-activation method", "choice", CAM_METHODS)
+    TARGET_LAYER: str = _key("auto", "auto, or a dotted module path such as visual.trunk.blocks[-1].norm1")
+    TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
+    BATCH_SIZE: int = _key(64, "masked images per forward pass", "int", low=1)
+    # Post-processing
+    ENABLE_BODY_MASK: bool = _key(True, "zero the map outside the body (Otsu mask of the film)", "bool")
+    SKIP_CRF: bool = _key(True, "false: refine the map with a dense CRF against the film", "bool")
+    CRF_ITERATIONS: int = _key(1, "CRF mean-field iterations (MedCLIP-SAM: 1)", "int", low=1, high=100)
+    CRF_TAU: float = _key(1.05, "CRF unary temperature (MedCLIP-SAM: 1.05)", "float", low=1e-6)
+    CRF_GAUSSIAN_SXY: float = _key(3.0, "CRF smoothness kernel width in pixels (MedCLIP-SAM: 3)", "float", low=1e-6)
+    CRF_GAUSSIAN_COMPAT: float = _key(3.0, "CRF smoothness kernel weight (MedCLIP-SAM: 3)", "float", low=0.0)
+    CRF_BILATERAL_SXY: float = _key(60.0, "CRF appearance kernel width in pixels (MedCLIP-SAM: 60)", "float",
+                                    low=1e-6)
+    CRF_BILATERAL_SRGB: float = _key(5.0, "CRF appearance kernel intensity width (MedCLIP-SAM: 5)", "float",
+                                     low=1e-6)
+    CRF_BILATERAL_COMPAT: float = _key(5.0, "CRF appearance kernel weight (MedCLIP-SAM: 5)", "float", low=0.0)
+    # Rendering
+    COLORMAP: str = _key("jet", "jet, turbo, inferno, hot or custom_purple_red; red = high attention", "choice",
+                         COLORMAPS)
+    ALPHA: float = _key(0.5, "heatmap weight in the blend: 0 = film only, 1 = heatmap only", "float", low=0.0,
+                        high=1.0)
+    SAVE_RAW_CAM: bool = _key(False, "also write the map as a 16-bit grey PNG (<name>_cam.png, 0..65535 = 0..1)",
+                              "bool")
+
+    def to_conf(self) -> str:
+        """The settings as a sourceable `.conf` text (one KEY=value line each)."""
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lines.append(f"{f.name}={shlex.quote(_format(value))}")
+        return "\n".join(lines) + "\n"
+
+
+KEYS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Settings)}
+
+# Variables bash itself sets or changes while sourcing a file.
+_BASH_VARIABLES = {"BASH_ARGC", "BASH_ARGV", "BASH_LINENO", "BASH_SOURCE", "BASH_COMMAND", "BASH_SUBSHELL",
+                   "BASHPID", "FUNCNAME", "LINENO", "PIPESTATUS", "RANDOM", "SRANDOM", "SECONDS", "EPOCHSECONDS",
+                   "EPOCHREALTIME", "OLDPWD", "PWD", "OPTIND", "OPTARG", "COLUMNS", "LINES", "HISTCMD", "_"}
+
+_DUMP = r'''__am_dump() { local __am_n; for __am_n in $(compgen -v); do printf '%s\0%s\0' "$__am_n" "${!__am_n-}"; done; }
+__am_dump; printf '__AM_SPLIT__\0\0'
+source "$1" >&2 || exit 97
+__am_dump'''
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def source_conf(path: Path) -> tuple[dict[str, str], set[str]]:
+    """Source `path` with bash; return (every variable set afterwards, names the file itself set or changed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    proc = subprocess.run(["bash", "-c", _DUMP, "attention-map-conf", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        message = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise ConfigError([f"{path}: bash could not source it: {message[-1] if message else 'exit ' + str(proc.returncode)}"])
+    before_raw, after_raw = proc.stdout.split(b"__AM_SPLIT__\0\0", 1)
+
+    def parse(raw: bytes) -> dict[str, str]:
+        parts = raw.decode(errors="replace").split("\0")
+        return {parts[i]: parts[i + 1] for i in range(0, len(parts) - 1, 2)}
+
+    before, after = parse(before_raw), parse(after_raw)
+    changed = {k for k, v in after.items() if before.get(k) != v and k not in _BASH_VARIABLES
+               and not k.startswith("__am")}
+    return after, changed
+
+
+def _parse_value(name: str, raw: str, where: str):
+    """Return the typed value of one key, or raise ValueError with a one-line reason."""
+    meta = KEYS[name].metadata
+    kind = meta["kind"]
+    raw = raw.strip()
+    if raw == "":
+        if meta["optional"]:
+            return None
+        raise ValueError(f"{where}: {name} is empty")
+    if kind == "bool":
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{where}: {name}={raw!r} is not a boolean (true/false)")
+    if kind in ("int", "float"):
+        try:
+            value = int(raw) if kind == "int" else float(raw)
+        except ValueError:
+            raise ValueError(f"{where}: {name}={raw!r} is not {'an integer' if kind == 'int' else 'a number'}") from None
+        if meta["low"] is not None and value < meta["low"]:
+            raise ValueError(f"{where}: {name}={raw} is below the minimum {meta['low']}")
+        if meta["high"] is not None and value > meta["high"]:
+            raise ValueError(f"{where}: {name}={raw} is above the maximum {meta['high']}")
+        return value
+    if kind == "choice":
+        if raw not in meta["choices"]:
+            raise ValueError(f"{where}: {name}={raw!r} is not one of {', '.join(meta['choices'])}")
+        return raw
+    if kind in ("path", "file", "dir"):
+        value = Path(raw).expanduser()
+        if kind == "file" and not value.is_file():
+            raise ValueError(f"{where}: {name}={raw} does not exist or is not a file")
+        if kind == "dir" and not value.is_dir():
+            raise ValueError(f"{where}: {name}={raw} does not exist or is not a folder")
+        return value
+    if kind == "model":
+        if not raw.startswith("hf-hub:"):
+            local = Path(raw.removeprefix("local-dir:")).expanduser()
+            if not (local / "open_clip_config.json").is_file():
+                raise ValueError(f"{where}: MODEL={raw} is neither hf-hub:<id> nor a model folder with "
+                                 f"open_clip_config.json (make one with `attention-map fetch-model`)")
+        return raw
+    return raw
+
+
+def _unknown_key_message(name: str, where: str) -> str:
+    close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; lower-case names are free for helper variables"
+    return f"{where}: unknown key {name}{hint}"
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` command-line arguments as a dict (unknown keys are reported by `load_settings`)."""
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError([f"command line: {item!r} is not KEY=VALUE"])
+        overrides[name.strip()] = value
+    return overrides
+
+
+def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = None) -> tuple[Settings, list[str]]:
+    """Read `conf` (if any) and apply `overrides`; return the validated Settings and notes for the log.
+
+    Raises ConfigError listing every problem, one line each, before anything is loaded or written.
+    """
+    overrides = overrides or {}
+    raw: dict[str, tuple[str, str]] = {}  # key -> (value, where it came from)
+    problems, notes = [], []
+    if conf is not None:
+        values, set_by_file = source_conf(conf)
+        for name in sorted(set_by_file):
+            if name[0].isupper() and name not in KEYS:
+                problems.append(_unknown_key_message(name, str(conf)))
+        for name in KEYS:
+            if name in values:
+                raw[name] = (values[name], str(conf))
+                if name not in set_by_file:
+                    notes.append(f"{name} taken from the environment")
+    for name, value in overrides.items():
+        if name not in KEYS:
+            problems.append(_unknown_key_message(name, "command line"))
+        else:
+            raw[name] = (value, "command line")
+
+    typed = {}
+    for name in KEYS:
+        if name not in raw:
+            continue
+        value, where = raw[name]
+        try:
+            typed[name] = _parse_value(name, value, where)
+        except ValueError as error:
+            problems.append(str(error))
+    settings = Settings(**typed)
+    if settings.DATA_FILE is None and "DATA_FILE" not in raw:
+        problems.append(f"{conf or 'command line'}: DATA_FILE is not set")
+    if problems:
+        raise ConfigError(problems)
+    if settings.IMAGE_ROOT is None:
+        settings = dataclasses.replace(settings, IMAGE_ROOT=settings.DATA_FILE.parent)
+    return settings, notes
+
+
+def default_conf_text() -> str:
+    """The text of `configs/default.conf`: every key with its default and one comment line."""
+    out = ["# attention-map: every key with its default. Copy this file to start an experiment.",
+           "# The file is bash: it is sourced, so ${RESULTS_ROOT}/name works as under sbatch.",
+           "# Upper-case names must be known keys; lower-case names are free for helper variables.", ""]
+    for name, f in KEYS.items():
+        out.append(f"# {f.metadata['help']}")
+        default = f.default
+        text = "${RESULTS_ROOT}/default" if name == "OUTPUT_DIR" else _format(default)
+        out.append(f'{name}="{text}"')
+    return "\n".join(out) + "\n"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

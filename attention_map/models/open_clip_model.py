@@ -1,0 +1,178 @@
+"""open_clip models (BiomedCLIP and friends), from the Hugging Face hub or a self-contained local folder.
+
+A local model folder holds `open_clip_config.json`, the weights (`open_clip_model.safetensors` or
+`open_clip_pytorch_model.bin`) and, for a Hugging Face text tower, a text subfolder with the BERT `config.json` and
+tokenizer files; `text_cfg.hf_model_name` and `hf_tokenizer_name` name that subfolder by a path relative to the folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+
+from .base import ModelLoadError, VisionTextModel, tokens_to_grid
+
+HUB_PREFIX = "hf-hub:"
+
+
+def go_offline() -> None:
+    """Make huggingface_hub and transformers read only local files from now on (no retries on a dead network)."""
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub's host answers a TCP connection within `timeout` (name lookup included)."""
+    import huggingface_hub.constants
+
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def _hub_is_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "open_clip_config.json")
+    return isinstance(found, str)
+
+
+def resolve_local_config(folder: Path) -> dict:
+    """The folder's open_clip config with its text-tower paths made absolute (they are relative to the folder)."""
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and not Path(name).is_absolute() and (folder / name).is_dir():
+            text_cfg[key] = str((folder / name).resolve())
+    return config
+
+
+def _create_from_folder(folder: Path, device: torch.device):
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    go_offline()
+    config = resolve_local_config(folder)
+    model_cfg = config["model_cfg"]
+    text_cfg = copy.deepcopy(model_cfg["text_cfg"])
+    kwargs = {}
+    if "hf_model_name" in text_cfg:
+        name = text_cfg["hf_model_name"]
+        if not Path(name).is_dir():
+            raise ModelLoadError(f"MODEL={folder}: text tower folder {name!r} is missing; "
+                                 f"re-create the folder with `attention-map fetch-model`")
+        text_cfg["hf_model_pretrained"] = False  # the CLIP checkpoint holds the text weights
+        kwargs["text_cfg"] = text_cfg
+    model = open_clip.create_model(f"local-dir:{folder}", device=device, pretrained_image=False,
+                                   pretrained_text=False, **kwargs)
+    context_length = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                                **text_cfg.get("tokenizer_kwargs", {}))
+    else:
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    return model, tokenizer, config.get("preprocess_cfg", {}), model_cfg
+
+
+def _create_from_hub(spec: str, device: torch.device):
+    import open_clip
+
+    repo_id = spec[len(HUB_PREFIX):]
+    if _hub_is_cached(repo_id):
+        go_offline()
+    elif os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise ModelLoadError(
+            f"MODEL={spec} is not in the local Hugging Face cache and the hub cannot be reached. "
+            f"On a machine with internet run `python -m attention_map fetch-model {spec} DIR`, "
+            f"copy DIR to this machine and set MODEL=DIR")
+    from huggingface_hub import hf_hub_download
+
+    model = open_clip.create_model(spec, device=device)
+    tokenizer = open_clip.get_tokenizer(spec)
+    hf_config = json.loads(Path(hf_hub_download(repo_id, "open_clip_config.json")).read_text())
+    return model, tokenizer, hf_config.get("preprocess_cfg", {}), hf_config["model_cfg"]
+
+
+class OpenCLIPModel(VisionTextModel):
+    def __init__(self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, model_cfg: dict, name: str):
+        self.module = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        size = preprocess_cfg.get("size") or model_cfg["vision_cfg"].get("image_size", 224)
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean = tuple(preprocess_cfg.get("mean") or (0.48145466, 0.4578275, 0.40821073))
+        self.std = tuple(preprocess_cfg.get("std") or (0.26862954, 0.26130258, 0.27577711))
+        self.context_length = int(getattr(tokenizer, "context_length", 77))
+
+    def encode_image(self, pixels):
+        return F.normalize(self.module.encode_image(pixels), dim=-1)
+
+    def encode_text(self, prompts):
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        return F.normalize(self.module.encode_text(tokens), dim=-1)
+
+    @property
+    def logit_scale(self):
+        return self.module.logit_scale.exp()
+
+    def _trunk(self):
+        return getattr(self.module.visual, "trunk", None)
+
+    def default_target_layer(self) -> str:
+        visual = self.module.visual
+        trunk = self._trunk()
+        if trunk is not None and hasattr(trunk, "blocks"):
+            # After the last block only the CLS token feeds the embedding: its norm2 and output have zero
+            # gradient on the patch tokens, norm1 (the input of the last attention) does not.
+            return "visual.trunk.blocks[-1].norm1"
+        if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
+            return "visual.transformer.resblocks[-1].ln_1"
+        if hasattr(visual, "layer4"):
+            return "visual.layer4"
+        raise ModelLoadError(f"no default target layer for {type(visual).__name__}: set TARGET_LAYER")
+
+    def _grid(self):
+        trunk = self._trunk()
+        patch_embed = getattr(trunk, "patch_embed", None) if trunk is not None else None
+        grid = getattr(patch_embed, "grid_size", None) or getattr(self.module.visual, "grid_size", None)
+        return tuple(grid) if grid is not None else None
+
+    def activations_to_grid(self, activations):
+        if activations.dim() == 4:  # convolutional: already (B, C, h, w)
+            return activations
+        if activations.dim() != 3:
+            raise ValueError(f"target layer output of shape {tuple(activations.shape)} is neither tokens nor a grid")
+        return tokens_to_grid(activations, self._grid())
+
+
+def load(spec: str, device: torch.device) -> OpenCLIPModel:
+    """An open_clip model from `hf-hub:<id>` or a local folder (optionally written `local-dir:<folder>`)."""
+    if spec.startswith(HUB_PREFIX):
+        model, tokenizer, preprocess_cfg, model_cfg = _create_from_hub(spec, device)
+    else:
+        folder = Path(spec.removeprefix("local-dir:")).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelLoadError(f"MODEL={spec}: no open_clip_config.json in that folder")
+        model, tokenizer, preprocess_cfg, model_cfg = _create_from_folder(folder, device)
+    return OpenCLIPModel(model, tokenizer, preprocess_cfg, model_cfg, spec)

@@ -1,0 +1,144 @@
+"""Read (image, question) records from GEMeX JSONL/JSON or CSV, and expand them into heatmap prompts."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+REQUIRED_CSV_COLUMNS = ("image_path", "question", "answer")
+
+
+class DataFileError(ValueError):
+    """The data file as a whole cannot be read (not one bad record): the run stops before any work."""
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int                 # line (JSONL, CSV) or item number (JSON list) in DATA_FILE, 1-based, for messages
+    image_path: str
+    question: str
+    answer: str               # as the dataset has it; a list answer (multi-choice) is kept as JSON text
+    q_id: str
+    row_id: str
+    prompt: str = ""          # CSV only: an explicit prompt that replaces the question
+    regions: tuple[str, ...] = ()
+    choices: str = ""         # JSON text of the choices list, when the record has one
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One heatmap to make: a record and the text the model is asked about."""
+    record: Record
+    text: str
+    region: int | None = None   # index into record.regions for a region prompt
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """One record that cannot be used; the run goes on without it."""
+    line: int
+    image_path: str
+    field: str
+    reason: str
+
+
+def _as_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _from_mapping(item: dict, line: int, index: int) -> Record:
+    """Build a Record from a JSON object or CSV row; raise KeyError/ValueError naming the field."""
+    image_path = item.get("image_path")
+    if not isinstance(image_path, str) or not image_path.strip():
+        raise ValueError("image_path", "missing or empty")
+    question = item.get("question", "")
+    if not isinstance(question, str):
+        raise ValueError("question", f"must be text, got {type(question).__name__}")
+    regions = item.get("visual_regions") or ()
+    if isinstance(regions, str):
+        regions = json.loads(regions) if regions.strip().startswith("[") else [regions]
+    if not isinstance(regions, (list, tuple)) or not all(isinstance(r, str) for r in regions):
+        raise ValueError("visual_regions", "must be a list of region names")
+    q_id = item.get("q_id")
+    q_id = str(index) if q_id is None or str(q_id).strip() == "" else str(q_id).strip()
+    return Record(line=line, image_path=image_path.strip(), question=question, answer=_as_text(item.get("answer")),
+                  q_id=q_id, row_id=_as_text(item.get("row_id")), prompt=_as_text(item.get("prompt")).strip(),
+                  regions=tuple(regions), choices=_as_text(item.get("choices")) if item.get("choices") else "")
+
+
+def _records_from_items(items, path: Path) -> tuple[list[Record], list[RecordError]]:
+    records, errors = [], []
+    for index, (line, item) in enumerate(items):
+        if isinstance(item, RecordError):
+            errors.append(item)
+            continue
+        if not isinstance(item, dict):
+            errors.append(RecordError(line, "", "record", f"expected an object, got {type(item).__name__}"))
+            continue
+        try:
+            records.append(_from_mapping(item, line, index))
+        except ValueError as error:
+            field, reason = error.args if len(error.args) == 2 else ("record", str(error))
+            errors.append(RecordError(line, _as_text(item.get("image_path")), field, reason))
+    return records, errors
+
+
+def _json_lines(path: Path):
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as error:
+                yield number, RecordError(number, "", "json", f"not valid JSON ({error.msg} at column {error.colno})")
+
+
+def _csv_rows(path: Path):
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataFileError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                                f"(a CSV needs {','.join(REQUIRED_CSV_COLUMNS)})")
+        line = reader.line_num
+        for row in reader:
+            yield line + 1, row
+            line = reader.line_num
+
+
+def read_records(path: Path) -> tuple[list[Record], list[RecordError]]:
+    """All usable records of `path`, in file order, and the records that cannot be used.
+
+    Raises DataFileError when the file as a whole is unreadable (encoding, CSV header, JSON syntax of a list).
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            return _records_from_items(list(_csv_rows(path)), path)
+        if path.suffix.lower() == ".json":
+            text = path.read_text(encoding="utf-8-sig")
+            if text.lstrip().startswith("["):
+                try:
+                    items = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise DataFileError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+                return _records_from_items(list(enumerate(items, start=1)), path)
+        return _records_from_items(list(_json_lines(path)), path)
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
+def prompts_of(record: Record, source: str) -> list[Prompt]:
+    """The heatmaps a record asks for under PROMPT_SOURCE=question|regions|both."""
+    prompts = []
+    if source in ("question", "both"):
+        prompts.append(Prompt(record, record.prompt or record.question))
+    if source in ("regions", "both"):
+        prompts.extend(Prompt(record, name, j) for j, name in enumerate(record.regions))
+    return prompts

@@ -1,0 +1,34 @@
+"""Colour maps, the film-heatmap blend and the 16-bit raw map: pure functions returning arrays."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+_OPENCV_COLORMAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv2.COLORMAP_INFERNO,
+                     "hot": cv2.COLORMAP_HOT}
+# purple -> blue -> green -> yellow -> red, evenly spaced (RGB)
+_PURPLE_RED_STOPS = np.array([[128, 0, 128], [0, 0, 255], [0, 200, 0], [255, 255, 0], [255, 0, 0]], np.float64)
+
+
+def colormap_lut(name: str) -> np.ndarray:
+    """(256, 3) uint8 RGB lookup table; index 0 = no attention, 255 = most (red or white-hot)."""
+    if name == "custom_purple_red":
+        positions = np.linspace(0, 255, len(_PURPLE_RED_STOPS))
+        return np.stack([np.interp(np.arange(256), positions, _PURPLE_RED_STOPS[:, c]) for c in range(3)],
+                        axis=1).round().astype(np.uint8)
+    if name not in _OPENCV_COLORMAPS:
+        raise ValueError(f"unknown colour map {name!r}")
+    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], _OPENCV_COLORMAPS[name])[:, 0]
+    return bgr[:, ::-1].copy()
+
+
+def overlay(film: np.ndarray, cam: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: (1 - alpha) * film + alpha * colour(cam)."""
+    grey = np.clip(film, 0, 1)[:, :, None] * 255.0
+    heat = colormap_lut(colormap)[np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8)].astype(np.float32)
+    return np.round((1.0 - alpha) * grey + alpha * heat).clip(0, 255).astype(np.uint8)
+
+
+def raw_map_16bit(cam: np.ndarray) -> np.ndarray:
+    """(H, W) uint16: 0..65535 stands for 0..1."""
+    return np.round(np.clip(cam, 0, 1) * 65535).astype(np.uint16)
