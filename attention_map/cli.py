@@ -1,4 +1,4 @@
-"""Command line: run | fetch-model | make-test-model | default-conf. No logic of its own."""
+"""Command line: run | fetch-model | make-test-model | make-demo-data | default-conf. No logic of its own."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--arch", choices=("biomedclip", "tiny"), default="tiny")
     make.add_argument("--seed", type=int, default=0)
 
+    demo = commands.add_parser("make-demo-data", help="write synthetic chest films and records for the demo")
+    demo.add_argument("folder", type=Path)
+    demo.add_argument("--count", type=int, default=4)
+
     commands.add_parser("default-conf", help="print configs/default.conf (every key with its default)")
     return parser
 
@@ -43,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "default-conf":
         sys.stdout.write(default_conf_text())
+        return 0
+    if args.command == "make-demo-data":
+        from .synthetic import write_demo_data
+
+        log.info("wrote %s", write_demo_data(args.folder, args.count))
         return 0
     if args.command == "make-test-model":
         from .models.random_models import make_test_model

@@ -1,0 +1,140 @@
+"""The command line as a user runs it, on the real GEMeX-style records and films."""
+import csv
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from attention_map.images import load_film
+from attention_map.models import load_model
+
+from reference_gscorecam import reference_gscorecam
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "attention_map", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def read_manifest(folder):
+    with open(folder / "vqa_manifest.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_on_gemex_records_writes_one_overlay_per_manifest_row(tmp_path, tiny_model, cxr):
+    out = tmp_path / "out"
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}",
+                 f"OUTPUT_DIR={out}", "PROMPT_SOURCE=both", "SAVE_RAW_CAM=true")
+    assert result.returncode == 0, result.stderr
+    assert "Done: 20 images, 47 heatmaps written, 0 failed" in result.stdout
+    rows = read_manifest(out)
+    assert len(rows) == 47 and list(rows[0])[:3] == ["image_path", "question", "answer"]
+    assert rows[0]["image_path"] == "nih/00000820_000_idx0.png"
+    assert [r["image_path"] for r in rows[1:3]] == ["nih/00000820_000_idx0_r0.png", "nih/00000820_000_idx0_r1.png"]
+    overlays = {p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.name.endswith("_cam.png")}
+    assert overlays == {r["image_path"] for r in rows}
+    for row in rows[:5]:
+        image = cv2.imread(str(out / row["image_path"]))
+        raw = cv2.imread(str(out / row["raw_map"]), cv2.IMREAD_UNCHANGED)
+        film = load_film(cxr / row["source_image"])
+        assert image.shape[:2] == film.shape and raw.dtype == np.uint16 and raw.shape == film.shape
+    assert (out / "run_config.conf").read_text().count("=") >= 20
+    assert not (out / "errors.csv").exists()
+
+
+def test_raw_map_of_a_run_equals_the_reference_on_a_real_film(tmp_path, biomedclip_model, cxr):
+    out = tmp_path / "out"
+    topk = 24
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={biomedclip_model}",
+                 f"OUTPUT_DIR={out}", "STOP_AFTER=1", f"TOPK={topk}", "ENABLE_BODY_MASK=false", "PROMPT_SOURCE=both",
+                 "SAVE_RAW_CAM=true", "DEVICE=cpu")
+    assert result.returncode == 0, result.stderr
+    rows = read_manifest(out)
+    assert len(rows) == 3
+    model = load_model(str(biomedclip_model), torch.device("cpu"))
+    film = load_film(cxr / rows[0]["source_image"])
+    union = set()
+    for row in rows:
+        raw = cv2.imread(str(out / row["raw_map"]), cv2.IMREAD_UNCHANGED) / 65535.0
+        expected, kept = reference_gscorecam(model, model.prepare(film), row["prompt"], topk, film.shape[::-1])
+        union |= kept
+        assert np.abs(raw - expected).max() <= 1e-3
+    # 3 prompts (two of them the same text) cost one masked forward per channel of their union
+    assert f"{len(union)} masked forwards" in result.stdout and len(union) < 3 * topk
+
+
+def test_config_errors_stop_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"OUTPUT_DIR={out}", "TOPK=-1",
+                 "COLOURMAP=jet")
+    assert result.returncode == 2
+    assert "TOPK=-1 is below the minimum 1" in result.stderr
+    assert "unknown key COLOURMAP; did you mean COLORMAP?" in result.stderr
+    assert not out.exists()
+
+
+def test_default_hub_model_offline_fails_fast_with_advice(tmp_path):
+    out = tmp_path / "out"
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # empty cache, nothing listening
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.perf_counter()
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"OUTPUT_DIR={out}", env=env)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert "fetch-model" in result.stderr and "MODEL=" in result.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_make_test_model_is_deterministic(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert cli("make-test-model", tmp_path / name, "--arch", "tiny", "--seed", seed).returncode == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_fetch_model_writes_a_self_contained_folder(tmp_path, biomedclip_model):
+    """fetch-model against a stand-in hub laid out like BiomedCLIP's two repositories."""
+    import json
+    import shutil
+
+    from attention_map.models.fetch import fetch_model
+
+    hub = {"microsoft/BiomedCLIP": biomedclip_model, "microsoft/BiomedBERT": biomedclip_model / "text"}
+    config = json.loads((biomedclip_model / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"].update(hf_model_name="microsoft/BiomedBERT", hf_tokenizer_name="microsoft/BiomedBERT")
+    hub_config = tmp_path / "hub_config.json"
+    hub_config.write_text(json.dumps(config))
+
+    def list_files(repo_id):
+        return [p.name for p in hub[repo_id].iterdir() if p.is_file()]
+
+    def snapshot(repo_id, local_dir, allow_patterns):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for name in allow_patterns:
+            source = hub_config if name == "open_clip_config.json" and repo_id == "microsoft/BiomedCLIP" \
+                else hub[repo_id] / name
+            if source.is_file():
+                shutil.copy(source, Path(local_dir) / name)
+
+    folder = fetch_model("hf-hub:microsoft/BiomedCLIP", tmp_path / "fetched", snapshot, list_files)
+    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "text"
+    assert (folder / "text" / "vocab.txt").is_file() and (folder / "open_clip_model.safetensors").is_file()
+    moved = shutil.move(str(folder), str(tmp_path / "elsewhere"))     # relative paths: the folder can move
+    original = load_model(str(biomedclip_model), torch.device("cpu"))
+    fetched = load_model(moved, torch.device("cpu"))
+    prompts = ["nodule in the left upper lung"]
+    assert torch.allclose(original.encode_text(prompts), fetched.encode_text(prompts))

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from attention_map.config import ConfigError, Settings, default_conf_text, load_settings, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _conf(tmp_path, text):
+    (tmp_path / "records.jsonl").write_text('{"image_path": "a.png", "question": "q", "answer": "a"}\n')
+    path = tmp_path / "exp.conf"
+    path.write_text(text)
+    return path
+
+
+def test_conf_is_sourced_by_bash_and_overrides_win(tmp_path):
+    conf = _conf(tmp_path, f'root="{tmp_path}"\nRESULTS_ROOT="$root/results"\nDATA_FILE="$root/records.jsonl"\n'
+                           'OUTPUT_DIR="${RESULTS_ROOT}/exp_01"\nTOPK=$((100 + 50))\nSKIP_CRF=false\n')
+    settings, _ = load_settings(conf, parse_overrides(["ALPHA=0.25", "COLORMAP=turbo"]))
+    assert settings.OUTPUT_DIR == tmp_path / "results" / "exp_01"
+    assert settings.TOPK == 150 and settings.SKIP_CRF is False
+    assert settings.ALPHA == 0.25 and settings.COLORMAP == "turbo"
+    assert settings.IMAGE_ROOT == tmp_path            # default: the data file's folder
+    assert settings.BATCH_SIZE == 64 and settings.MODEL.startswith("hf-hub:")
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\nOUTPT_DIR=x\nhelper=ignored\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    assert caught.value.problems == [f"{conf}: unknown key OUTPT_DIR; did you mean OUTPUT_DIR?"]
+    with pytest.raises(ConfigError, match="command line: unknown key TOPKK; did you mean TOPK"):
+        load_settings(None, {"DATA_FILE": str(tmp_path / "records.jsonl"), "TOPKK": "3"})
+
+
+def test_every_bad_value_is_reported_one_line_each(tmp_path):
+    conf = _conf(tmp_path, 'DATA_FILE=/no/such/file.jsonl\nTOPK=0\nALPHA=2\nCOLORMAP=rainbow\nSKIP_CRF=maybe\n'
+                           'BATCH_SIZE=big\nMODEL=/no/such/model\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    problems = caught.value.problems
+    assert len(problems) == 7
+    for key in ("DATA_FILE", "TOPK", "ALPHA", "COLORMAP", "SKIP_CRF", "BATCH_SIZE", "MODEL"):
+        assert any(p.startswith(f"{conf}: {key}") for p in problems), key
+    assert all("\n" not in p for p in problems)
+
+
+def test_bash_errors_are_reported(tmp_path):
+    conf = _conf(tmp_path, 'DATA_FILE="unterminated\n')
+    with pytest.raises(ConfigError, match="bash could not source it"):
+        load_settings(conf)
+
+
+def test_run_config_round_trips(tmp_path):
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\nSTOP_AFTER=3\nPROMPT_SOURCE=both\n')
+    settings, _ = load_settings(conf)
+    written = tmp_path / "run_config.conf"
+    written.write_text(settings.to_conf())
+    again, _ = load_settings(written)
+    assert again == settings
+
+
+def test_default_conf_in_the_repo_lists_every_key_with_its_default():
+    assert (REPO / "configs" / "default.conf").read_text() == default_conf_text()
+    readme = (REPO / "README.md").read_text()
+    for name in Settings.__dataclass_fields__:
+        assert f"`{name}`" in readme, f"README does not document {name}"

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from attention_map.cams import GScoreCAM
+from attention_map.images import load_film
+from attention_map.maps import grid_to_image
+from attention_map.models import load_model
+
+from reference_gscorecam import reference_gscorecam
+
+PROMPTS = ["Is there evidence of cardiomegaly in this CXR?", "nodule in the left upper lung"]
+
+
+def _engine_maps(model, film, prompts, topk):
+    cam = GScoreCAM(model, topk=topk, batch_size=64)
+    grid_maps = cam.explain(model.prepare(film), prompts)
+    height, width = film.shape
+    return cam, [grid_to_image(g.cam, (width, height)) for g in grid_maps]
+
+
+@pytest.mark.parametrize("topk", [300, 20])
+def test_tiny_model_matches_reference(tiny_model, cxr, topk):
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    film = load_film(cxr / "nih" / "00001369_000.png")
+    cam, maps = _engine_maps(model, film, PROMPTS, topk)
+    union = set()
+    for prompt, got in zip(PROMPTS, maps):
+        expected, kept = reference_gscorecam(model, model.prepare(film), prompt, topk, film.shape[::-1])
+        union |= kept
+        assert np.abs(got - expected).max() <= 1e-4
+    assert cam.masked_forwards == len(union)
+
+
+def test_biomedclip_architecture_matches_reference_and_shares_masked_forwards(biomedclip_model, cxr):
+    """fp32 on CPU, on a real film: the engine equals the plain per-prompt reference within 1e-4."""
+    topk = 48
+    model = load_model(str(biomedclip_model), torch.device("cpu"))
+    assert model.default_target_layer() == "visual.trunk.blocks[-1].norm1"
+    film = load_film(cxr / "nih" / "00000820_000.png")
+    cam, maps = _engine_maps(model, film, PROMPTS, topk)
+    union = set()
+    for prompt, got in zip(PROMPTS, maps):
+        expected, kept = reference_gscorecam(model, model.prepare(film), prompt, topk, film.shape[::-1])
+        union |= kept
+        assert got.shape == film.shape
+        assert np.abs(got - expected).max() <= 1e-4
+    # one masked forward per channel of the union of the prompts' kept channels, not one per (prompt, channel)
+    assert cam.masked_forwards == len(union) < len(PROMPTS) * topk
+    # the gradients at blocks[-1].norm1 depend on the prompt, so the prompts keep different channels
+    assert len(union) > topk
+
+
+def test_hooks_are_released_and_text_is_encoded_once(tiny_model, cxr):
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    cam = GScoreCAM(model, topk=8)
+    film = load_film(cxr / "nih" / "00000001_000.png")
+    calls = []
+    original = model.encode_text
+    model.encode_text = lambda prompts: calls.append(list(prompts)) or original(prompts)
+    for _ in range(3):
+        cam.explain(model.prepare(film), PROMPTS + PROMPTS[:1])
+    assert calls == [PROMPTS]
+    assert not cam.layer._forward_hooks
+
+
+def test_flat_maps_are_zero_with_a_warning(tiny_model):
+    model = load_model(str(tiny_model), torch.device("cpu"))
+
+    class Flat(GScoreCAM):
+        def explain_grid(self, pixels, prompts):
+            return [torch.zeros(6, 6), torch.full((6, 6), 0.3)]
+
+    results = Flat(model).explain(torch.zeros(1, 3, 96, 96), ["a", "b"])
+    assert "zero everywhere" in results[0].warning
+    assert "constant" in results[1].warning
+    for result in results:
+        final = grid_to_image(result.cam, (40, 30))
+        assert np.isfinite(final).all() and final.max() == 0

@@ -1,0 +1,57 @@
+import csv
+import json
+
+import pytest
+
+from attention_map.records import DataFileError, prompts_of, read_records
+
+
+def test_gemex_records(cxr):
+    records, errors = read_records(cxr / "vqa" / "gemex_style_closed_ended.jsonl")
+    assert errors == [] and len(records) == 22
+    first = records[0]
+    assert first.image_path == "nih/00000820_000.png" and first.q_id == "0" and first.row_id == "row_7"
+    assert first.regions == ("lung opacity", "lung opacity") and first.answer == "Yes."
+    assert [p.text for p in prompts_of(first, "question")] == [first.question]
+    assert [(p.text, p.region) for p in prompts_of(first, "regions")] == [("lung opacity", 0), ("lung opacity", 1)]
+    assert len(prompts_of(first, "both")) == 3
+
+
+def test_json_list_with_multi_choice_answers(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{"image_path": "a.png", "question": "Which?", "answer": ["A", "C"],
+                                 "choices": ["A: x", "B: y", "C: z"], "q_id": 4}]))
+    (record,), errors = read_records(path)
+    assert errors == [] and json.loads(record.answer) == ["A", "C"] and json.loads(record.choices)[2] == "C: z"
+    assert record.q_id == "4"
+
+
+def test_csv_with_quotes_commas_newlines_and_bom(tmp_path):
+    path = tmp_path / "records.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "question", "answer", "prompt"])
+        writer.writerow(["a.png", 'Is the "heart", enlarged?\nSecond line', "Yes, mildly.", ""])
+        writer.writerow(["b.png", "Plain?", "No.", "left lung"])
+    records, errors = read_records(path)
+    assert errors == []
+    assert records[0].question == 'Is the "heart", enlarged?\nSecond line' and records[0].answer == "Yes, mildly."
+    assert records[0].line == 2 and records[1].line == 4          # the quoted newline takes a line
+    assert [p.text for p in prompts_of(records[1], "question")] == ["left lung"]
+    assert [r.q_id for r in records] == ["0", "1"]
+
+
+def test_csv_without_required_columns_stops_the_run(tmp_path):
+    path = tmp_path / "records.csv"
+    path.write_text("image_path,question\na.png,q\n")
+    with pytest.raises(DataFileError, match="records.csv:1: missing column.*answer"):
+        read_records(path)
+
+
+def test_broken_jsonl_line_is_one_record_error(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"image_path": "a.png", "question": "q", "answer": "a"}\n{"image_path": \n'
+                    '{"question": "no image"}\n{"image_path": "c.png", "question": "q", "answer": "a"}\n')
+    records, errors = read_records(path)
+    assert [r.image_path for r in records] == ["a.png", "c.png"]
+    assert [(e.line, e.field) for e in errors] == [(2, "json"), (3, "image_path")]

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from attention_map.render import colormap_lut, overlay, raw_map_16bit
+
+
+@pytest.mark.parametrize("name", ["jet", "turbo", "inferno", "hot", "custom_purple_red"])
+def test_high_attention_is_red_or_white_hot(name):
+    lut = colormap_lut(name)
+    assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    top, bottom = lut[255].astype(int), lut[0].astype(int)
+    red, white_hot = top[0] > 2 * max(top[1], top[2]), top[0] >= 240 and top.sum() > 600
+    assert red or white_hot
+    assert bottom[2] >= bottom[0] or bottom.sum() < 60     # low attention is blue/purple or black
+
+
+def test_custom_purple_red_runs_purple_blue_green_yellow_red():
+    lut = colormap_lut("custom_purple_red").astype(int)
+    assert tuple(lut[0]) == (128, 0, 128)
+    assert tuple(lut[64]) == (0, 0, 255) or lut[64][2] > 200
+    assert lut[128][1] > lut[128][0] and lut[128][1] > lut[128][2]
+    assert lut[191][0] > 200 and lut[191][1] > 200
+    assert tuple(lut[255]) == (255, 0, 0)
+
+
+def test_alpha_blends_film_and_heatmap():
+    film = np.linspace(0, 1, 50, dtype=np.float32)[None].repeat(20, 0)
+    cam = np.ones_like(film)
+    only_film = overlay(film, cam, "jet", 0.0)
+    assert (only_film[..., 0] == np.round(film * 255)).all() and (only_film[..., 0] == only_film[..., 2]).all()
+    only_heat = overlay(film, cam, "jet", 1.0)
+    assert (only_heat == colormap_lut("jet")[255]).all()
+    half = overlay(film, cam, "jet", 0.5).astype(int)
+    assert np.abs(half - (only_film.astype(int) + only_heat.astype(int)) / 2).max() <= 1
+
+
+def test_raw_map_is_sixteen_bit_full_scale():
+    cam = np.array([[0, 0.5, 1.0]], np.float32)
+    raw = raw_map_16bit(cam)
+    assert raw.dtype == np.uint16 and raw.tolist() == [[0, 32768, 65535]]
