@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -247,7 +246,3 @@ def default_conf_text() -> str:
         text = "${RESULTS_ROOT}/default" if name == "OUTPUT_DIR" else _format(default)
         out.append(f'{name}="{text}"')
     return "\n".join(out) + "\n"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

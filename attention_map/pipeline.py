@@ -14,7 +14,7 @@ from .cams import CAM_METHODS
 from .config import Settings
 from .images import ImageError, load_film
 from .maps import grid_to_image
-from .models import load_model
+from .models import ModelLoadError, load_model
 from .postprocess import CRFParams, apply_mask, body_mask, crf_refine
 from .records import Prompt, prompts_of, read_records
 from .render import overlay, raw_map_16bit
@@ -61,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES / --gpus)")
+        raise ModelLoadError("DEVICE=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES, --gpus or --nv)")
     return torch.device(name)
 
 
@@ -117,6 +117,7 @@ def _manifest_row(job: Job, settings: Settings, raw_map: str, warning: str) -> o
 
 def run(settings: Settings) -> Summary:
     started = time.perf_counter()
+    device = resolve_device(settings.DEVICE)
     summary = Summary(output_dir=settings.OUTPUT_DIR)
     groups = plan_jobs(settings, summary.errors)
     settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,6 @@ def run(settings: Settings) -> Summary:
     total = sum(len(jobs) for jobs in groups.values())
     log.info("%d heatmaps on %d images planned from %s", total, len(groups), settings.DATA_FILE)
 
-    device = resolve_device(settings.DEVICE)
     model = load_model(settings.MODEL, device)
     cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, settings.BATCH_SIZE,
                                            resolve_autocast(settings.PRECISION, device), topk=settings.TOPK)

@@ -52,11 +52,11 @@ def _as_text(value) -> str:
 
 
 def _from_mapping(item: dict, line: int, index: int) -> Record:
-    """Build a Record from a JSON object or CSV row; raise KeyError/ValueError naming the field."""
+    """Build a Record from a JSON object or CSV row; raise ValueError(field, reason)."""
     image_path = item.get("image_path")
     if not isinstance(image_path, str) or not image_path.strip():
         raise ValueError("image_path", "missing or empty")
-    question = item.get("question", "")
+    question = item.get("question") or ""
     if not isinstance(question, str):
         raise ValueError("question", f"must be text, got {type(question).__name__}")
     regions = item.get("visual_regions") or ()

@@ -138,3 +138,24 @@ def test_fetch_model_writes_a_self_contained_folder(tmp_path, biomedclip_model):
     fetched = load_model(moved, torch.device("cpu"))
     prompts = ["nodule in the left upper lung"]
     assert torch.allclose(original.encode_text(prompts), fetched.encode_text(prompts))
+
+
+def test_a_bad_image_or_record_costs_only_itself(tmp_path, tiny_model):
+    from attention_map.synthetic import write_demo_data
+
+    records = write_demo_data(tmp_path / "data", count=2, size=128)
+    (tmp_path / "data" / "films" / "broken.png").write_text("not a png")
+    with open(records, "a") as handle:
+        handle.write('{"image_path": "films/broken.png", "question": "q?", "answer": "a", "q_id": 0}\n'
+                     '{"image_path": "films/missing.png", "question": "q?", "answer": "a", "q_id": 0}\n'
+                     '{"image_path": "../outside.png", "question": "q?", "answer": "a", "q_id": 0}\n'
+                     '{"image_path": \n')
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={records}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}")
+    assert result.returncode == 3, result.stderr
+    assert "2 heatmaps written, 4 failed" in result.stdout
+    assert [r["image_path"] for r in read_manifest(out)] == ["films/synthetic_000_idx0.png",
+                                                            "films/synthetic_001_idx0.png"]
+    with open(out / "errors.csv", newline="") as handle:
+        errors = {(e["row"], e["stage"]) for e in csv.DictReader(handle)}
+    assert errors == {("3", "load"), ("4", "load"), ("5", "record:image_path"), ("6", "record:json")}

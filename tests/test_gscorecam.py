@@ -12,23 +12,25 @@ from reference_gscorecam import reference_gscorecam
 PROMPTS = ["Is there evidence of cardiomegaly in this CXR?", "nodule in the left upper lung"]
 
 
-def _engine_maps(model, film, prompts, topk):
+def _check_against_reference(model, film, topk):
+    """Engine maps equal the per-prompt reference within 1e-4; returns the engine and the union of kept channels."""
     cam = GScoreCAM(model, topk=topk, batch_size=64)
-    grid_maps = cam.explain(model.prepare(film), prompts)
-    height, width = film.shape
-    return cam, [grid_to_image(g.cam, (width, height)) for g in grid_maps]
+    grid_maps = cam.explain(model.prepare(film), PROMPTS)
+    union = set()
+    for prompt, grid_map in zip(PROMPTS, grid_maps):
+        got = grid_to_image(grid_map.cam, film.shape[::-1])
+        expected, kept = reference_gscorecam(model, model.prepare(film), prompt, topk, film.shape[::-1])
+        union |= kept
+        assert got.shape == film.shape
+        assert np.abs(got - expected).max() <= 1e-4
+    return cam, union
 
 
 @pytest.mark.parametrize("topk", [300, 20])
 def test_tiny_model_matches_reference(tiny_model, cxr, topk):
     model = load_model(str(tiny_model), torch.device("cpu"))
     film = load_film(cxr / "nih" / "00001369_000.png")
-    cam, maps = _engine_maps(model, film, PROMPTS, topk)
-    union = set()
-    for prompt, got in zip(PROMPTS, maps):
-        expected, kept = reference_gscorecam(model, model.prepare(film), prompt, topk, film.shape[::-1])
-        union |= kept
-        assert np.abs(got - expected).max() <= 1e-4
+    cam, union = _check_against_reference(model, film, topk)
     assert cam.masked_forwards == len(union)
 
 
@@ -38,13 +40,7 @@ def test_biomedclip_architecture_matches_reference_and_shares_masked_forwards(bi
     model = load_model(str(biomedclip_model), torch.device("cpu"))
     assert model.default_target_layer() == "visual.trunk.blocks[-1].norm1"
     film = load_film(cxr / "nih" / "00000820_000.png")
-    cam, maps = _engine_maps(model, film, PROMPTS, topk)
-    union = set()
-    for prompt, got in zip(PROMPTS, maps):
-        expected, kept = reference_gscorecam(model, model.prepare(film), prompt, topk, film.shape[::-1])
-        union |= kept
-        assert got.shape == film.shape
-        assert np.abs(got - expected).max() <= 1e-4
+    cam, union = _check_against_reference(model, film, topk)
     # one masked forward per channel of the union of the prompts' kept channels, not one per (prompt, channel)
     assert cam.masked_forwards == len(union) < len(PROMPTS) * topk
     # the gradients at blocks[-1].norm1 depend on the prompt, so the prompts keep different channels
