@@ -120,15 +120,14 @@ def run(settings: Settings) -> Summary:
     device = resolve_device(settings.DEVICE)
     summary = Summary(output_dir=settings.OUTPUT_DIR)
     groups = plan_jobs(settings, summary.errors)
-    settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    outputs.write_atomic(settings.OUTPUT_DIR / outputs.RUN_CONFIG, settings.to_conf().encode())
     total = sum(len(jobs) for jobs in groups.values())
     log.info("%d heatmaps on %d images planned from %s", total, len(groups), settings.DATA_FILE)
-
     model = load_model(settings.MODEL, device)
     cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, settings.BATCH_SIZE,
                                            resolve_autocast(settings.PRECISION, device), topk=settings.TOPK)
     log.info("model %s on %s, %s at %s", settings.MODEL, device, cam.name, cam.target_layer)
+    settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)   # only now: a run that cannot start writes nothing
+    outputs.write_atomic(settings.OUTPUT_DIR / outputs.RUN_CONFIG, settings.to_conf().encode())
     crf = CRFParams(settings.CRF_ITERATIONS, settings.CRF_TAU, settings.CRF_GAUSSIAN_SXY,
                     settings.CRF_GAUSSIAN_COMPAT, settings.CRF_BILATERAL_SXY, settings.CRF_BILATERAL_SRGB,
                     settings.CRF_BILATERAL_COMPAT)

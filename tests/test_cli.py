@@ -91,6 +91,7 @@ def test_default_hub_model_offline_fails_fast_with_advice(tmp_path):
     assert result.returncode == 2
     assert "fetch-model" in result.stderr and "MODEL=" in result.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not out.exists()
 
 
 def _digest(folder):

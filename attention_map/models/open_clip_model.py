@@ -30,7 +30,7 @@ def go_offline() -> None:
     huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
+def _hub_reachable(timeout: float = 4.0) -> bool:
     """Whether the hub's host answers a TCP connection within `timeout` (name lookup included)."""
     import huggingface_hub.constants
 
