@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .outputs import write_png
+
 LESION_PLACES = {"left upper lung": (0.68, 0.35), "left lower lung": (0.68, 0.6),
                  "right upper lung": (0.32, 0.35), "right lower lung": (0.32, 0.6)}
 
@@ -44,12 +46,11 @@ def make_film(seed: int, size: int = 384) -> tuple[np.ndarray, str]:
 def write_demo_data(folder: Path, count: int = 4, size: int = 384) -> Path:
     """`count` films under folder/films and folder/records.jsonl (GEMeX fields); returns the records file."""
     folder = Path(folder)
-    (folder / "films").mkdir(parents=True, exist_ok=True)
     lines = []
     for seed in range(count):
         film, place = make_film(seed, size)
         name = f"films/synthetic_{seed:03d}.png"
-        cv2.imwrite(str(folder / name), np.round(film * 255).astype(np.uint8))
+        write_png(folder / name, np.round(film * 255).astype(np.uint8))
         lines.append(json.dumps({"question": f"Is there a nodule in the {place}?", "answer": "Yes.",
                                  "type": "location", "visual_regions": [place, "heart"],
                                  "image_path": name, "q_id": 0, "row_id": f"row_{seed}"}))
