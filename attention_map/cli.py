@@ -1,4 +1,9 @@
-"""Command line: run | fetch-model | make-test-model | make-demo-data | default-conf. No logic of its own."""
+"""Command line: run | merge | fetch-model | make-test-model | make-demo-data | default-conf.
+
+Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
+some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
+shards that have not finished.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +14,7 @@ from pathlib import Path
 from .config import DEFAULT_MODEL, ConfigError, default_conf_text, load_settings, parse_overrides
 
 EXIT_CONFIG = 2
+EXIT_SHARDS_MISSING = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="make heatmaps and vqa_manifest.csv for a config")
     run.add_argument("--config", type=Path, help="shell-sourced .conf file (see configs/default.conf)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the file's")
+
+    merge = commands.add_parser("merge", help="join the shard manifests of an array run into vqa_manifest.csv")
+    merge.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub id (default {DEFAULT_MODEL})")
@@ -66,8 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fetched %s into %s; on compute nodes set MODEL=%s", args.model, folder, folder)
         return 0
 
+    if args.command == "merge":
+        from .pipeline import EXIT_ITEMS_FAILED
+        from .shards import IncompleteError, merge
+
+        try:
+            merged = merge(args.output_dir)
+        except IncompleteError as error:
+            print(f"attention-map: {error}", file=sys.stderr)
+            return EXIT_SHARDS_MISSING
+        failed = f"{len(merged.errors)} failed (see {args.output_dir / 'errors.csv'})" if merged.errors else "0 failed"
+        print(f"Merged {merged.shards} shards: {merged.heatmaps} heatmaps in {args.output_dir / 'vqa_manifest.csv'}, "
+              f"{failed}.")
+        return EXIT_ITEMS_FAILED if merged.errors else 0
+
     from .models import ModelLoadError
-    from .pipeline import EXIT_ITEMS_FAILED, run
+    from .pipeline import run
     from .records import DataFileError
 
     try:
@@ -80,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info(note)
     try:
         summary = run(settings)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"attention-map: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     except (DataFileError, ModelLoadError) as error:
         print(f"attention-map: {error}", file=sys.stderr)
         return EXIT_CONFIG
     print(summary.text())
-    return EXIT_ITEMS_FAILED if summary.failures else 0
+    return summary.exit_status

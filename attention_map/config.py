@@ -47,6 +47,19 @@ class Settings:
     PROMPT_SOURCE: str = _key("question", "question: one map per question; regions: one per visual_region; both",
                               "choice", ("question", "regions", "both"))
     STOP_AFTER: int | None = _key(None, "process only the first N images (empty: all)", "int", low=1, optional=True)
+    MAX_IMAGE_PIXELS: int = _key(50_000_000, "larger images are refused before decoding (decompression-bomb guard)",
+                                 "int", low=1)
+    ALLOW_OUTSIDE_IMAGE_ROOT: bool = _key(False, "true: image paths may point outside IMAGE_ROOT (absolute or ..)",
+                                          "bool")
+    # Runs
+    RESUME: bool = _key(True, "skip heatmaps that OUTPUT_DIR already holds complete, made with the same settings",
+                        "bool")
+    OVERWRITE: bool = _key(False, "redo every heatmap, replacing what OUTPUT_DIR holds", "bool")
+    FAIL_FAST: bool = _key(False, "stop at the first failed record or image instead of going on", "bool")
+    SHARD_INDEX: int | None = _key(None, "this task's shard, 0..SHARD_COUNT-1 (empty: SLURM_ARRAY_TASK_ID, else 0)",
+                                   "int", low=0, optional=True)
+    SHARD_COUNT: int | None = _key(None, "shards the images are split into (empty: from the Slurm array, else 1)",
+                                   "int", low=1, optional=True)
     # Model
     MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`)", "model")
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
@@ -246,3 +259,12 @@ def default_conf_text() -> str:
         text = "${RESULTS_ROOT}/default" if name == "OUTPUT_DIR" else _format(default)
         out.append(f'{name}="{text}"')
     return "\n".join(out) + "\n"
+
+
+def key_table_markdown() -> str:
+    """The README's table of every key (a test keeps the README equal to it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, f in KEYS.items():
+        default = "${RESULTS_ROOT}/default" if name == "OUTPUT_DIR" else _format(f.default)
+        rows.append(f"| `{name}` | {f'`{default}`' if default else '(empty)'} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"

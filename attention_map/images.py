@@ -6,6 +6,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The size limit is checked by load_film itself, from the header, with a message naming the setting.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class ImageError(ValueError):
     """An image that cannot be used; the message is one line and names the reason."""
@@ -31,13 +34,22 @@ def _scale_to_unit(values: np.ndarray) -> np.ndarray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
-def _load_dicom(path: Path) -> np.ndarray:
+def _check_size(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height / 1e6:.1f} MP, above "
+                         f"MAX_IMAGE_PIXELS={max_pixels}")
+
+
+def _load_dicom(path: Path, max_pixels: int | None) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         dataset = pydicom.dcmread(path)
+        _check_size(int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), max_pixels)
         pixels = dataset.pixel_array
+    except ImageError:
+        raise
     except Exception as error:  # pydicom raises many types for broken files
         raise ImageError(f"unreadable DICOM: {str(error).splitlines()[0]}") from None
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
@@ -54,9 +66,10 @@ def _load_dicom(path: Path) -> np.ndarray:
     return film
 
 
-def _load_raster(path: Path) -> np.ndarray:
+def _load_raster(path: Path, max_pixels: int | None) -> np.ndarray:
     try:
         with Image.open(path) as image:
+            _check_size(*image.size, max_pixels)   # from the header, before any pixel is decoded
             image = ImageOps.exif_transpose(image)
             mode = image.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -71,22 +84,24 @@ def _load_raster(path: Path) -> np.ndarray:
             # RGB, RGBA, P (palette), CMYK, YCbCr...: the colour channels, alpha ignored
             rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
             return _luminance(rgb).astype(np.float32)
+    except ImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"unreadable image: {str(error).splitlines()[0]}") from None
 
 
-def load_film(path: Path) -> np.ndarray:
+def load_film(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """The film at `path` as float32 (H, W) in [0, 1], white = dense (bone).
 
     PNG/JPEG: 8- and 16-bit, grey, RGB, RGBA and palette. DICOM: modality LUT (rescale), VOI LUT or window,
-    MONOCHROME1 inverted.
+    MONOCHROME1 inverted. Images above `max_pixels` are refused from their header.
     """
     path = Path(path)
     if not path.exists():
         raise ImageError("file not found")
     if not path.is_file():
         raise ImageError("not a file")
-    film = _load_dicom(path) if _is_dicom(path) else _load_raster(path)
+    film = _load_dicom(path, max_pixels) if _is_dicom(path) else _load_raster(path, max_pixels)
     if film.ndim != 2 or min(film.shape) < 2:
         raise ImageError(f"image of shape {film.shape} is too small or not 2-D")
     return np.ascontiguousarray(film, dtype=np.float32)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import tempfile
@@ -37,22 +38,32 @@ MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "_"
+    """A path component made of letters, digits, '.', '_' and '-' only, and never '.' or '..'."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+    return "_" if text.strip(".") == "" else text
 
 
-def relative_image_path(image_path: str, image_root: Path) -> PurePosixPath:
-    """The record's image path relative to IMAGE_ROOT; ValueError if it points outside IMAGE_ROOT."""
-    root = image_root.resolve()
-    full = (root / image_path).resolve()
+def relative_image_path(image_path: str, image_root: Path, allow_outside: bool = False) -> PurePosixPath:
+    """The record's image path relative to IMAGE_ROOT, which is also where its overlays go under OUTPUT_DIR.
+
+    Paths are compared as written (symbolic links inside IMAGE_ROOT are fine). A path that leaves IMAGE_ROOT
+    (absolute elsewhere, or through '..') raises ValueError, unless `allow_outside`: then it is placed under
+    `outside/` followed by its absolute path.
+    """
+    root = Path(os.path.normpath(os.path.abspath(image_root)))
+    full = Path(os.path.normpath(os.path.join(root, image_path)))
     try:
         return PurePosixPath(full.relative_to(root).as_posix())
     except ValueError:
-        raise ValueError(f"{image_path} is outside IMAGE_ROOT {image_root}") from None
+        if not allow_outside:
+            raise ValueError(f"{image_path} is outside IMAGE_ROOT {image_root} "
+                             f"(set ALLOW_OUTSIDE_IMAGE_ROOT=true to allow it)") from None
+        return PurePosixPath("outside", *full.parts[1:])
 
 
 def overlay_name(relative: PurePosixPath, q_id: str, region: int | None) -> str:
-    """`<path without extension>_idx<q_id>[_r<j>].png`, relative to OUTPUT_DIR."""
-    parts = [_safe(p) for p in relative.parent.parts if p not in ("", ".")]
+    """`<path without extension>_idx<q_id>[_r<j>].png`, relative to OUTPUT_DIR; no part can be '..' or absolute."""
+    parts = [_safe(p) for p in relative.parent.parts if p not in ("", ".", "/")]
     stem = f"{_safe(relative.stem)}_idx{_safe(q_id)}" + ("" if region is None else f"_r{region}")
     return str(PurePosixPath(*parts, stem + ".png")) if parts else stem + ".png"
 
@@ -61,10 +72,13 @@ def raw_map_name(overlay: str) -> str:
     return overlay[: -len(".png")] + "_cam.png"
 
 
+TEMPORARY_SUFFIX = ".am-tmp"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
@@ -84,9 +98,34 @@ def write_png(path: Path, image: np.ndarray) -> None:
     write_atomic(path, encoded.tobytes())
 
 
-def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
-    import io
+def remove_temporaries(folder: Path) -> int:
+    """Delete the temporary files that killed runs left under `folder`; return how many there were."""
+    count = 0
+    for stale in folder.rglob(f".*{TEMPORARY_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+        count += 1
+    return count
 
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_is_complete(path: Path) -> bool:
+    """Whether `path` is a PNG that ends with its IEND chunk (a truncated or missing file is not)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            handle.seek(-len(_PNG_END), os.SEEK_END)
+            return handle.read() == _PNG_END
+    except OSError:
+        return False
+
+
+ERROR_COLUMNS = ["row", "image_path", "stage", "reason"]
+
+
+def csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -94,10 +133,6 @@ def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
-    write_atomic(path, _csv_bytes(MANIFEST_COLUMNS, [[getattr(r, c) for c in MANIFEST_COLUMNS] for r in rows]))
-
-
-def write_errors(path: Path, errors: list[tuple[str, str, str, str]]) -> None:
-    """errors.csv: row (line in DATA_FILE), image_path, stage, reason."""
-    write_atomic(path, _csv_bytes(["row", "image_path", "stage", "reason"], [list(e) for e in errors]))
+def errors_bytes(errors: list[tuple[str, str, str, str]]) -> bytes:
+    """errors.csv: row (line in DATA_FILE), image_path, stage, one-line reason."""
+    return csv_bytes(ERROR_COLUMNS, [list(e) for e in errors])

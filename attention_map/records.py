@@ -71,6 +71,15 @@ def _from_mapping(item: dict, line: int, index: int) -> Record:
                   regions=tuple(regions), choices=_as_text(item.get("choices")) if item.get("choices") else "")
 
 
+def _undecodable_field(item: dict) -> tuple[str, int] | None:
+    """(field, byte) of the first text that was not UTF-8 in the file (read with errors='surrogateescape')."""
+    for name, value in item.items():
+        for char in value if isinstance(value, str) else ():
+            if "\udc80" <= char <= "\udcff":
+                return str(name), ord(char) - 0xDC00
+    return None
+
+
 def _records_from_items(items, path: Path) -> tuple[list[Record], list[RecordError]]:
     records, errors = [], []
     for index, (line, item) in enumerate(items):
@@ -79,6 +88,12 @@ def _records_from_items(items, path: Path) -> tuple[list[Record], list[RecordErr
             continue
         if not isinstance(item, dict):
             errors.append(RecordError(line, "", "record", f"expected an object, got {type(item).__name__}"))
+            continue
+        undecodable = _undecodable_field(item)
+        if undecodable:
+            errors.append(RecordError(line, _as_text(item.get("image_path")).encode(errors="replace").decode(),
+                                      undecodable[0], f"not UTF-8 text (byte 0x{undecodable[1]:02X}); "
+                                                      f"save {path.name} as UTF-8"))
             continue
         try:
             records.append(_from_mapping(item, line, index))
@@ -89,7 +104,7 @@ def _records_from_items(items, path: Path) -> tuple[list[Record], list[RecordErr
 
 
 def _json_lines(path: Path):
-    with open(path, encoding="utf-8-sig") as handle:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
@@ -100,7 +115,7 @@ def _json_lines(path: Path):
 
 
 def _csv_rows(path: Path):
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -122,7 +137,7 @@ def read_records(path: Path) -> tuple[list[Record], list[RecordError]]:
         if path.suffix.lower() == ".csv":
             return _records_from_items(list(_csv_rows(path)), path)
         if path.suffix.lower() == ".json":
-            text = path.read_text(encoding="utf-8-sig")
+            text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
             if text.lstrip().startswith("["):
                 try:
                     items = json.loads(text)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from attention_map.config import ConfigError, Settings, default_conf_text, load_settings, parse_overrides
+from attention_map.config import ConfigError, Settings, default_conf_text, key_table_markdown, load_settings, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,5 +64,6 @@ def test_run_config_round_trips(tmp_path):
 def test_default_conf_in_the_repo_lists_every_key_with_its_default():
     assert (REPO / "configs" / "default.conf").read_text() == default_conf_text()
     readme = (REPO / "README.md").read_text()
+    assert key_table_markdown() in readme, "README's key table differs from config.key_table_markdown()"
     for name in Settings.__dataclass_fields__:
         assert f"`{name}`" in readme, f"README does not document {name}"

@@ -56,7 +56,7 @@ def test_hooks_are_released_and_text_is_encoded_once(tiny_model, cxr):
     model.encode_text = lambda prompts: calls.append(list(prompts)) or original(prompts)
     for _ in range(3):
         cam.explain(model.prepare(film), PROMPTS + PROMPTS[:1])
-    assert calls == [PROMPTS]
+    assert calls == [[p] for p in PROMPTS]   # each distinct prompt once, alone
     assert not cam.layer._forward_hooks
 
 

@@ -1,9 +1,10 @@
 import csv
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pytest
 
-from attention_map import outputs
+from attention_map import outputs, shards
 
 
 def test_output_names_mirror_the_input_tree():
@@ -20,13 +21,66 @@ def test_paths_outside_image_root_are_rejected(tmp_path, bad):
         outputs.relative_image_path(bad, tmp_path)
 
 
-def test_manifest_quotes_commas_quotes_and_newlines(tmp_path):
-    row = outputs.ManifestRow("a_idx0.png", 'Is it "big",\nreally?', '["A", "B"]', "a.png", "p", "", "gscorecam",
-                              "0", "row_1", "", "", "")
-    path = tmp_path / outputs.MANIFEST
-    outputs.write_manifest(path, [row, row])
-    with open(path, newline="") as handle:
+def test_outside_paths_go_under_outside_when_allowed(tmp_path):
+    relative = outputs.relative_image_path("../elsewhere/a.png", tmp_path / "root", allow_outside=True)
+    assert relative.parts[0] == "outside" and ".." not in relative.parts
+    assert outputs.overlay_name(relative, "0", None).endswith("elsewhere/a_idx0.png")
+
+
+@pytest.mark.parametrize("parts", [("..", ".."), ("a", ".", ".."), ("...",)])
+def test_output_names_never_leave_output_dir(parts):
+    name = outputs.overlay_name(PurePosixPath(*parts, "x.png"), "..", None)
+    assert ".." not in PurePosixPath(name).parts and not name.startswith("/")
+
+
+def _row(name, question="q"):
+    return outputs.ManifestRow(name, question, '["A", "B"]', "a.png", "p", "", "gscorecam", "0", "row_1", "", "", "")
+
+
+def test_shards_merge_in_input_order_and_quote_commas_quotes_and_newlines(tmp_path):
+    tricky = 'Is it "big",\nreally?'
+    for index, rows in ((1, {1: _row("b.png"), 3: _row("d.png", tricky)}), (0, {0: _row("a.png"), 2: _row("c.png")})):
+        shards.write_shard(tmp_path, shards.Shard(index, 2), rows, [(str(index + 5), f"{index}.png", "load", "bad")])
+    (tmp_path / ".vqa_manifest.csv.x1y2.am-tmp").write_text("left by a kill")
+    merged = shards.merge(tmp_path, 2)
+    assert merged.heatmaps == 4 and len(merged.errors) == 2
+    with open(tmp_path / outputs.MANIFEST, newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][:3] == ["image_path", "question", "answer"]
-    assert rows[1][:3] == ["a_idx0.png", 'Is it "big",\nreally?', '["A", "B"]'] and len(rows) == 3
-    assert [p.name for p in tmp_path.iterdir()] == [outputs.MANIFEST]   # no temporary file left
+    assert rows[0][:3] == ["image_path", "question", "answer"] and rows[0] == outputs.MANIFEST_COLUMNS
+    assert [r[0] for r in rows[1:]] == ["a.png", "b.png", "c.png", "d.png"]
+    assert rows[4][1] == tricky and rows[4][2] == '["A", "B"]'
+    with open(tmp_path / outputs.ERRORS, newline="") as handle:
+        assert [e["row"] for e in csv.DictReader(handle)] == ["5", "6"]
+    assert not list(tmp_path.rglob("*.am-tmp"))
+
+
+def test_merge_names_the_shards_that_have_not_finished(tmp_path):
+    shards.write_shard(tmp_path, shards.Shard(1, 4), {}, [])
+    with pytest.raises(shards.IncompleteError, match=r"3 of 4 shards have not finished \(0,2,3\).*--array=0,2,3"):
+        shards.merge(tmp_path, 4)
+    assert not (tmp_path / outputs.MANIFEST).exists()
+
+
+def test_png_completeness(tmp_path):
+    path = tmp_path / "a.png"
+    outputs.write_png(path, np.zeros((4, 4, 3), np.uint8))
+    assert outputs.png_is_complete(path)
+    path.write_bytes(path.read_bytes()[:-5])
+    assert not outputs.png_is_complete(path) and not outputs.png_is_complete(tmp_path / "missing.png")
+
+
+def test_shard_comes_from_the_slurm_array_and_keeps_the_first_split(tmp_path):
+    from attention_map.config import ConfigError, Settings
+
+    settings = Settings(OUTPUT_DIR=tmp_path)
+    assert shards.resolve_shard(settings, {}) == shards.Shard(0, 1)
+    array = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MAX": "7"}
+    assert shards.resolve_shard(settings, array) == shards.Shard(3, 8)
+    (tmp_path / outputs.RUN_CONFIG).write_text("SHARD_COUNT=8\n")
+    resubmitted = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MAX": "3"}   # sbatch --array=3
+    assert shards.resolve_shard(settings, resubmitted) == shards.Shard(3, 8)
+    assert shards.resolve_shard(Settings(OUTPUT_DIR=tmp_path, SHARD_INDEX=1, SHARD_COUNT=2), array) == shards.Shard(1, 2)
+    with pytest.raises(ConfigError, match="SHARD_INDEX=9 is not below 8"):
+        shards.resolve_shard(settings, {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MAX": "9"})
+    films = [n for n in range(20) if shards.Shard(3, 8).owns(n)]
+    assert films == [3, 11, 19]

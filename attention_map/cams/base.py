@@ -3,6 +3,7 @@ embeddings cached per prompt, and the release of the hook."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ import torch
 
 from ..maps import describe_flat
 from ..models.base import VisionTextModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +37,32 @@ class BaseCAM(ABC):
         self.autocast_dtype = autocast_dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         self.masked_forwards = 0   # image forwards made on masked inputs, for the run's summary
+        self._oom_reported = False
+
+    def forward_in_batches(self, count: int, make_batch) -> torch.Tensor:
+        """encode_image over `make_batch(start, stop)` for start in 0..count by BATCH_SIZE, concatenated.
+
+        On CUDA out-of-memory the batch size is halved for the rest of the run and the batch retried; at batch
+        size 1 the error goes to the caller (the item fails).
+        """
+        embeddings, start = [], 0
+        while start < count:
+            stop = min(start + self.batch_size, count)
+            try:
+                with self.autocast():
+                    embeddings.append(self.model.encode_image(make_batch(start, stop)).float())
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                level = logging.DEBUG if self._oom_reported else logging.WARNING
+                log.log(level, "CUDA out of memory: BATCH_SIZE halved to %d for the rest of the run", self.batch_size)
+                self._oom_reported = True
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start = stop
+        return torch.cat(embeddings)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -41,12 +70,15 @@ class BaseCAM(ABC):
         return torch.autocast(self.model.device.type, dtype=self.autocast_dtype)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """(Q, D) embeddings; each distinct prompt is encoded once for the whole run."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            with torch.inference_mode(), self.autocast():
-                embeddings = self.model.encode_text(missing).float()
-            self._text_cache.update(zip(missing, embeddings))
+        """(Q, D) embeddings; each distinct prompt is encoded once for the whole run.
+
+        Prompts are encoded one at a time: an embedding then does not depend on which other prompts shared its
+        batch, so a resumed run reproduces an uninterrupted one bit for bit. Text is cheap next to k image forwards.
+        """
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._text_cache:
+                with torch.inference_mode(), self.autocast():
+                    self._text_cache[prompt] = self.model.encode_text([prompt]).float()[0]
         return torch.stack([self._text_cache[p] for p in prompts])
 
     @contextlib.contextmanager

@@ -34,13 +34,10 @@ class GScoreCAM(BaseCAM):
     @torch.inference_mode()
     def masked_embeddings(self, pixels: torch.Tensor, activations: torch.Tensor, channels: torch.Tensor):
         """(U, D) embeddings of the input multiplied by each channel's mask, in batches."""
-        embeddings = []
-        for start in range(0, len(channels), self.batch_size):
-            masks = self.channel_masks(activations, channels[start:start + self.batch_size])
-            with self.autocast():
-                embeddings.append(self.model.encode_image(pixels * masks).float())
+        embeddings = self.forward_in_batches(
+            len(channels), lambda start, stop: pixels * self.channel_masks(activations, channels[start:stop]))
         self.masked_forwards += len(channels)
-        return torch.cat(embeddings)
+        return embeddings
 
     def explain_grid(self, pixels, prompts):
         text = self.text_embeddings(prompts)

@@ -33,6 +33,10 @@ class VisionTextModel(ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> (Q, D) unit-length embeddings."""
 
+    @abstractmethod
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the prompt takes, special tokens included, before truncation to `context_length`."""
+
     @property
     @abstractmethod
     def logit_scale(self) -> torch.Tensor:

@@ -132,6 +132,12 @@ class OpenCLIPModel(VisionTextModel):
         tokens = self.tokenizer(list(prompts)).to(self.device)
         return F.normalize(self.module.encode_text(tokens), dim=-1)
 
+    def count_tokens(self, prompt):
+        inner = getattr(self.tokenizer, "tokenizer", None)   # HFTokenizer wraps a transformers tokenizer
+        if inner is not None:
+            return len(inner(self.tokenizer.clean_fn(prompt))["input_ids"])
+        return len(self.tokenizer.encode(prompt)) + 2        # open_clip BPE: start and end tokens around the text
+
     @property
     def logit_scale(self):
         return self.module.logit_scale.exp()

@@ -100,5 +100,7 @@ def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
     model_class = open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP
     model = model_class(**model_cfg)
     state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
-    save_file(state, str(folder / "open_clip_model.safetensors"), metadata={"arch": arch, "seed": str(seed)})
+    save_file(state, str(folder / "open_clip_model.safetensors"), 
+              # one key: safetensors writes metadata in hash order, and the same seed must give the same bytes
+              metadata={"made_by": f"attention-map make-test-model --arch {arch} --seed {seed}"})
     return folder

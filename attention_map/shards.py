@@ -1,0 +1,216 @@
+"""Shards of a run (one per Slurm array task), the record of finished heatmaps that a rerun skips, and the merge.
+
+Under OUTPUT_DIR/shards/, for shard i of n (`0003-of-0008`):
+  progress-<i>-of-<n>.jsonl  one line per finished heatmap, appended once its PNGs are in place
+  manifest-<i>-of-<n>.csv    the shard's manifest rows and their place in the input order, written when it ends
+  errors-<i>-of-<n>.csv      the shard's failed items, written when it ends
+`merge` joins the n shard manifests into vqa_manifest.csv (input order) and errors.csv. Shards never write the same
+file, so array tasks can share one OUTPUT_DIR.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from . import outputs
+from .config import ConfigError, Settings
+
+FOLDER = "shards"
+
+# Settings that change which heatmaps are made or where, but not a heatmap's pixels. Every other key (and any key
+# added later) is part of the fingerprint, so a rerun with other map settings redoes the heatmaps.
+_NOT_IN_FINGERPRINT = {"RESULTS_ROOT", "DATA_FILE", "IMAGE_ROOT", "OUTPUT_DIR", "PROMPT_SOURCE", "STOP_AFTER",
+                       "MAX_IMAGE_PIXELS", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME", "OVERWRITE", "FAIL_FAST",
+                       "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "CONTAINER", "CONTAINER_IMAGE",
+                       "OFFLINE"}
+
+
+class IncompleteError(RuntimeError):
+    """`merge` found shards that have not finished."""
+
+
+def fingerprint(settings: Settings) -> str:
+    """A short digest of the settings that shape a heatmap's pixels."""
+    text = "\n".join(f"{f.name}={getattr(settings, f.name)}" for f in fields(settings)
+                     if f.name not in _NOT_IN_FINGERPRINT)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:04d}-of-{self.count:04d}"
+
+    def owns(self, film_number: int) -> bool:
+        """Films are dealt round-robin in first-seen order: stable, balanced, and all prompts of a film together."""
+        return film_number % self.count == self.index
+
+    def path(self, output_dir: Path, kind: str) -> Path:
+        suffix = ".jsonl" if kind == "progress" else ".csv"
+        return output_dir / FOLDER / f"{kind}-{self.tag}{suffix}"
+
+
+def recorded_shard_count(output_dir: Path) -> int | None:
+    """SHARD_COUNT of the run that OUTPUT_DIR holds, from its run_config.conf."""
+    value = read_run_config(output_dir).get("SHARD_COUNT", "")
+    return int(value) if value.isdigit() else None
+
+
+def read_run_config(output_dir: Path) -> dict[str, str]:
+    path = output_dir / outputs.RUN_CONFIG
+    if not path.is_file():
+        return {}
+    values = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            parts = shlex.split(value)
+            values[name] = parts[0] if parts else ""
+    return values
+
+
+def resolve_shard(settings: Settings, environ: dict[str, str]) -> Shard:
+    """This task's shard. Unset keys come from the Slurm array: SHARD_INDEX = SLURM_ARRAY_TASK_ID and
+    SHARD_COUNT = the count recorded in OUTPUT_DIR by an earlier task of the run (so resubmitting `--array=3`
+    keeps the split of `--array=0-7`), else SLURM_ARRAY_TASK_MAX + 1. Outside an array: shard 0 of 1."""
+    task = environ.get("SLURM_ARRAY_TASK_ID", "")
+    in_array = task.isdigit()
+    index = settings.SHARD_INDEX if settings.SHARD_INDEX is not None else int(task) if in_array else 0
+    count, where = settings.SHARD_COUNT, "SHARD_COUNT"
+    if count is None and in_array:
+        count, where = recorded_shard_count(settings.OUTPUT_DIR), f"SHARD_COUNT in {settings.OUTPUT_DIR / outputs.RUN_CONFIG}"
+        if count is None:
+            count, where = int(environ.get("SLURM_ARRAY_TASK_MAX", task)) + 1, "the Slurm array (SLURM_ARRAY_TASK_MAX + 1)"
+    count = count or 1
+    if index >= count:
+        raise ConfigError([f"SHARD_INDEX={index} is not below {count} from {where}: array indices run from 0 to "
+                           f"SHARD_COUNT-1 (set SHARD_COUNT to split the run differently)"])
+    return Shard(index, count)
+
+
+class Progress:
+    """The finished heatmaps of OUTPUT_DIR: read from every shard's progress file, appended to this shard's.
+
+    A heatmap counts as finished when a progress line names it with the same prompt and settings fingerprint and
+    its PNGs are complete on disk; anything else is made again.
+    """
+
+    def __init__(self, output_dir: Path, shard: Shard, settings_fingerprint: str, read_existing: bool):
+        self.output_dir = output_dir
+        self.path = shard.path(output_dir, "progress")
+        self.fingerprint = settings_fingerprint
+        self.entries: dict[str, dict] = {}
+        self.other_settings = 0   # finished heatmaps made with other settings (they are redone)
+        self._handle = None
+        if read_existing:
+            for journal in sorted((output_dir / FOLDER).glob("progress-*.jsonl")):
+                for entry in _read_journal(journal):
+                    self.entries[entry["overlay"]] = entry
+
+    def finished(self, overlay: str, prompt: str) -> dict | None:
+        entry = self.entries.get(overlay)
+        if entry is None or entry.get("prompt") != prompt:
+            return None
+        if entry.get("settings") != self.fingerprint:
+            self.other_settings += 1
+            return None
+        files = [overlay] + ([entry["raw_map"]] if entry.get("raw_map") else [])
+        if not all(outputs.png_is_complete(self.output_dir / name) for name in files):
+            return None
+        return entry
+
+    def open(self) -> None:
+        """Start appending to this shard's file, keeping its whole lines (a kill may have cut the last one)."""
+        kept = [e for e in _read_journal(self.path)] if self.path.exists() else []
+        outputs.write_atomic(self.path, b"".join(_line(e) for e in kept))
+        self._handle = open(self.path, "ab")
+
+    def add(self, overlay: str, prompt: str, warning: str, raw_map: str) -> None:
+        entry = dict(overlay=overlay, prompt=prompt, warning=warning, raw_map=raw_map, settings=self.fingerprint)
+        self.entries[overlay] = entry
+        self._handle.write(_line(entry))
+        self._handle.flush()
+
+    def close(self, overlays_in_order: list[str]) -> None:
+        """Rewrite this shard's file with one line per finished heatmap, in input order."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        entries = [self.entries[o] for o in overlays_in_order if o in self.entries]
+        outputs.write_atomic(self.path, b"".join(_line(e) for e in entries))
+
+
+def _line(entry: dict) -> bytes:
+    return (json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n").encode()
+
+
+def _read_journal(path: Path) -> list[dict]:
+    entries = []
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            entry = json.loads(raw)
+        except ValueError:   # the empty tail, or a line cut by a kill
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("overlay"), str):
+            entries.append(entry)
+    return entries
+
+
+def write_shard(output_dir: Path, shard: Shard, rows: dict[int, outputs.ManifestRow], errors: list) -> None:
+    """The shard's manifest (with each row's place in the input order) and its errors, written when it ends."""
+    header = ["order"] + outputs.MANIFEST_COLUMNS
+    body = [[str(i)] + [getattr(rows[i], c) for c in outputs.MANIFEST_COLUMNS] for i in sorted(rows)]
+    outputs.write_atomic(shard.path(output_dir, "errors"), outputs.errors_bytes(errors))
+    outputs.write_atomic(shard.path(output_dir, "manifest"), outputs.csv_bytes(header, body))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@dataclass
+class Merged:
+    shards: int
+    heatmaps: int
+    errors: list[tuple[str, str, str, str]]
+
+
+def merge(output_dir: Path, count: int | None = None) -> Merged:
+    """Join the manifests of all shards into vqa_manifest.csv and their errors into errors.csv.
+
+    Raises IncompleteError naming the shards that have not finished; nothing is written then.
+    """
+    output_dir = Path(output_dir)
+    count = count or recorded_shard_count(output_dir)
+    if count is None:
+        raise IncompleteError(f"{output_dir}: no {outputs.RUN_CONFIG}; is this the OUTPUT_DIR of a run?")
+    shards = [Shard(i, count) for i in range(count)]
+    missing = [s.index for s in shards if not s.path(output_dir, "manifest").is_file()]
+    if missing:
+        listed = ",".join(map(str, missing))
+        raise IncompleteError(f"{output_dir}: {len(missing)} of {count} shards have not finished ({listed}); "
+                              f"resubmit them, e.g. `sbatch --array={listed} submit_heatmap_gen.sh CONF`, then merge")
+    rows, errors = [], []
+    for shard in shards:
+        rows.extend(_read_csv(shard.path(output_dir, "manifest")))
+        errors.extend(tuple(e.values()) for e in _read_csv(shard.path(output_dir, "errors")))
+    rows.sort(key=lambda row: int(row["order"]))
+    errors.sort(key=lambda e: (int(e[0]) if e[0].isdigit() else 0, e[1], e[2]))
+    outputs.write_atomic(output_dir / outputs.MANIFEST,
+                         outputs.csv_bytes(outputs.MANIFEST_COLUMNS,
+                                           [[row[c] for c in outputs.MANIFEST_COLUMNS] for row in rows]))
+    if errors:
+        outputs.write_atomic(output_dir / outputs.ERRORS, outputs.errors_bytes(errors))
+    else:
+        (output_dir / outputs.ERRORS).unlink(missing_ok=True)
+    outputs.remove_temporaries(output_dir)
+    return Merged(count, len(rows), errors)
