@@ -73,3 +73,30 @@ def test_flat_maps_are_zero_with_a_warning(tiny_model):
     for result in results:
         final = grid_to_image(result.cam, (40, 30))
         assert np.isfinite(final).all() and final.max() == 0
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_gives_the_same_maps(tiny_model, cxr, caplog):
+    import logging
+
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    film = model.prepare(load_film(cxr / "nih" / "00000001_000.png"))
+    expected = GScoreCAM(model, topk=16, batch_size=16).explain(film, PROMPTS)
+    original = model.encode_image
+
+    def encode_image(pixels):
+        if len(pixels) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(pixels)
+
+    model.encode_image = encode_image
+    cam = GScoreCAM(model, topk=16, batch_size=16)
+    with caplog.at_level(logging.DEBUG, logger="attention_map"):
+        maps = cam.explain(film, PROMPTS)
+        cam.explain(film, PROMPTS)
+    assert cam.batch_size == 4
+    for got, want in zip(maps, expected):
+        np.testing.assert_allclose(got.cam, want.cam, atol=1e-6)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING and "out of memory" in r.message]) == 1
+    model.encode_image = lambda pixels: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):   # at batch size 1 the item fails (the run reports it)
+        GScoreCAM(model, topk=16, batch_size=1).explain(film, PROMPTS)

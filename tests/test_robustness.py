@@ -1,0 +1,237 @@
+"""Bad inputs, resume, overwrite and fail-fast: one bad item never costs the batch, and reruns redo only what is missing."""
+import csv
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from attention_map.synthetic import make_film
+
+from test_cli import cli, read_manifest
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height, with a few bytes of data: what a decompression bomb looks like."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _grey(seed=0, size=96) -> np.ndarray:
+    return np.round(make_film(seed, size)[0] * 255).astype(np.uint8)
+
+
+def make_bad_corpus(folder: Path) -> dict[str, str]:
+    """Every image case the run must survive; value: 'ok' (must give a heatmap) or the expected error text."""
+    folder.mkdir(parents=True)
+    grey = _grey()
+    Image.fromarray(grey).save(folder / "good.png")
+    (folder / "zero.png").write_bytes(b"")
+    full = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) // 2])
+    Image.fromarray(grey).save(folder / "full.jpg", quality=90)
+    jpeg = (folder / "full.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "folder.png").mkdir()
+    Image.fromarray((grey.astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 128)]), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(grey).convert("P").save(folder / "palette.png")
+    Image.fromarray(np.dstack([grey] * 3)).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(grey[:1, :1]).save(folder / "one.png")
+    Image.fromarray(grey[::12, ::12][:8, :8]).save(folder / "eight.png")
+    _png_header_only(folder / "huge.png", 20000, 20000)
+    (folder / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x00garbage-garbage")
+    return {"good.png": "ok", "zero.png": "unreadable image", "truncated.png": "unreadable image",
+            "full.jpg": "ok", "cut.jpg": "unreadable image", "text.png": "unreadable image",
+            "folder.png": "not a file", "missing.png": "file not found", "sixteen.png": "ok", "rgba.png": "ok",
+            "palette.png": "ok", "cmyk.jpg": "ok", "one.png": "too small", "eight.png": "ok",
+            "huge.png": "above MAX_IMAGE_PIXELS", "corrupt.dcm": "unreadable DICOM"}
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def _errors(folder: Path) -> list[dict]:
+    with open(folder / "errors.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_bad_image_lands_in_errors_csv_and_every_good_one_is_drawn(tmp_path, tiny_model):
+    images = make_bad_corpus(tmp_path / "images")
+    data = tmp_path / "records.jsonl"
+    with open(data, "w") as handle:
+        for name in images:
+            handle.write(json.dumps({"image_path": name, "question": f"Is {name} fine?", "answer": "yes",
+                                     "q_id": 0}) + "\n")
+        handle.write('{"image_path": "good.png", "question": "broken line\n')
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={tmp_path / 'images'}", f"MODEL={tiny_model}",
+                 f"OUTPUT_DIR={out}", "SKIP_CRF=false")
+    assert result.returncode == 3, result.stderr
+    good = [name for name, expected in images.items() if expected == "ok"]
+    bad = {name: expected for name, expected in images.items() if expected != "ok"}
+    assert f"{len(good)} heatmaps written, {len(bad) + 1} failed" in result.stdout
+    assert [r["source_image"] for r in read_manifest(out)] == good
+    errors = {e["image_path"]: e for e in _errors(out)}
+    for name, expected in bad.items():
+        assert expected in errors[name]["reason"], (name, errors[name])
+        assert errors[name]["stage"] == "load" and "\n" not in errors[name]["reason"]
+    assert errors[""]["stage"] == "record:json" and errors[""]["row"] == str(len(images) + 1)
+    overlays = {Path(name).stem + "_idx0.png" for name in good}
+    bookkeeping = {"vqa_manifest.csv", "errors.csv", "run_config.conf", "shards/progress-0000-of-0001.jsonl",
+                   "shards/manifest-0000-of-0001.csv", "shards/errors-0000-of-0001.csv"}
+    assert _files(out) == overlays | bookkeeping   # nothing else, no temporary files
+
+
+def test_awkward_csv_rows_work_or_are_reported_one_line_each(tmp_path, tiny_model):
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(3):
+        Image.fromarray(_grey(seed)).save(images / f"f{seed}.png")
+    rows = [b"image_path,question,answer,q_id",
+            b'images/f0.png,"Is there a ""big"", round,\nopacity?",yes,0',
+            b'images/f1.png,Caf\xe9 au lait spots?,no,0',              # latin-1, not UTF-8
+            b'images/f1.png,,no,1',                                      # empty question
+            b'images/f2.png,Same row twice?,no,0',
+            b'images/f2.png,Same row twice?,no,0']
+    data = tmp_path / "records.csv"
+    data.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(rows) + b"\r\n")    # with a BOM and CRLF line ends
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}")
+    assert result.returncode == 3, result.stderr
+    manifest = read_manifest(out)
+    assert [(r["image_path"], r["question"]) for r in manifest] == [
+        ("images/f0_idx0.png", 'Is there a "big", round,\nopacity?'), ("images/f2_idx0.png", "Same row twice?")]
+    errors = sorted((e["row"], e["stage"], e["reason"]) for e in _errors(out))
+    # rows are named by the line they start on: the first record spans lines 2 and 3
+    assert errors == [("4", "record:question", "not UTF-8 text (byte 0xE9); save records.csv as UTF-8"),
+                      ("5", "record:question", "empty prompt"),
+                      ("7", "record:q_id", "output images/f2_idx0.png is already made by the record on line 6")]
+
+
+def test_a_data_file_without_an_answer_column_stops_before_anything_is_written(tmp_path, tiny_model):
+    data = tmp_path / "records.csv"
+    data.write_text("image_path,question\nf0.png,Is it?\n")
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"attention-map: {data}:1: missing column(s) answer "
+                                                      f"(a CSV needs image_path,question,answer)")
+    assert not out.exists()
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(_files(folder))}
+
+
+def test_rerun_skips_finished_heatmaps_and_overwrite_or_new_settings_redo_them(tmp_path, tiny_model):
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=3, size=96)
+    out = tmp_path / "out"
+    args = ("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "PROMPT_SOURCE=both")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "9 heatmaps written, 0 failed, 0 already done" in first.stdout
+    before = _digests(out)
+    (out / "films" / "synthetic_001_idx0_r1.png").write_bytes(b"\x89PNG\r\n\x1a\ncut")   # damaged: made again
+    again = cli(*args)
+    assert "3 heatmaps written, 0 failed, 6 already done" in again.stdout, again.stdout
+    assert _digests(out) == before
+    assert "0 heatmaps written, 0 failed, 9 already done" in cli(*args).stdout
+    assert "9 heatmaps written, 0 failed, 0 already done" in cli(*args, "OVERWRITE=true").stdout
+    overwritten = _digests(out)
+    assert overwritten.pop("run_config.conf") != before["run_config.conf"]        # it records OVERWRITE=true
+    assert overwritten == {k: v for k, v in before.items() if k != "run_config.conf"}
+    changed = cli(*args, "COLORMAP=hot")
+    assert "9 heatmaps written, 0 failed, 0 already done" in changed.stdout
+    assert "9 heatmaps in" in changed.stderr and "made with other settings" in changed.stderr
+    refused = cli(*args, "RESUME=false")
+    assert refused.returncode == 2 and "holds an earlier run and RESUME=false" in refused.stderr
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path, tiny_model):
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=3, size=96)
+    (tmp_path / "data" / "films" / "synthetic_001.png").write_bytes(b"")
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "FAIL_FAST=true")
+    assert result.returncode == 4, result.stderr
+    assert "1 heatmaps written, 1 failed" in result.stdout and "Stopped at the first failure" in result.stdout
+    assert not (out / "vqa_manifest.csv").exists()       # the run is not complete
+    assert [e["image_path"] for e in _errors(out)] == ["films/synthetic_001.png"]
+    (tmp_path / "data" / "films" / "synthetic_001.png").unlink()
+    from attention_map.outputs import write_png
+    write_png(tmp_path / "data" / "films" / "synthetic_001.png", _grey(1))
+    resumed = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "FAIL_FAST=true")
+    assert resumed.returncode == 0 and "2 heatmaps written, 0 failed, 1 already done" in resumed.stdout
+    assert len(read_manifest(out)) == 3 and not (out / "errors.csv").exists()
+
+
+def test_long_prompts_are_truncated_with_a_warning_in_the_manifest(tmp_path, tiny_model):
+    data = tmp_path / "records.csv"
+    Image.fromarray(_grey()).save(tmp_path / "f.png")
+    long_question = "Is there " + "a very small nodule and " * 40 + "an effusion?"
+    data.write_text(f"image_path,question,answer\nf.png,{long_question},yes\nf.png,Short?,no\n")
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}")
+    assert result.returncode == 0, result.stderr
+    warnings = [r["warning"] for r in read_manifest(out)]
+    assert warnings[0].startswith("prompt truncated to the model's 77 tokens (") and warnings[1] == ""
+
+
+def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr):
+    """SIGKILL a run at several points, resume each time: the end result equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_cli import REPO
+
+    def command(out):
+        return [sys.executable, "-m", "attention_map", "run", "--config", str(REPO / "configs/gemex/exp_01_vqa.conf"),
+                f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "STOP_AFTER=8", "PROMPT_SOURCE=both", "SAVE_RAW_CAM=true",
+                "SKIP_CRF=false"]
+
+    reference = tmp_path / "reference"
+    assert subprocess.run(command(reference), cwd=REPO, capture_output=True).returncode == 0
+    expected = _digests(reference)
+    heatmaps = len(read_manifest(reference))
+
+    out = tmp_path / "killed"
+    journal = out / "shards" / "progress-0000-of-0001.jsonl"
+
+    def finished() -> int:
+        return journal.read_bytes().count(b"\n") if journal.exists() else 0
+
+    # kill points: as soon as the run has written its config, then after a few, about half, and most heatmaps
+    for target in (0, 3, heatmaps // 2, heatmaps - 2):
+        process = subprocess.Popen(command(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while (not (out / "run_config.conf").exists() or finished() < target) and process.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.poll() is None, f"the run ended before the kill point ({target} heatmaps)"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not (out / "vqa_manifest.csv").exists()
+    final = subprocess.run(command(out), cwd=REPO, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert "already done" in final.stdout and ", 0 already done" not in final.stdout
+    got = _digests(out)
+    assert got.pop("run_config.conf") and expected.pop("run_config.conf")    # they differ by OUTPUT_DIR only:
+    configs = [(folder / "run_config.conf").read_text().replace(str(folder), "OUT") for folder in (out, reference)]
+    assert configs[0] == configs[1]
+    assert got == expected
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
