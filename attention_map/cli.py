@@ -27,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the file's")
 
     merge = commands.add_parser("merge", help="join the shard manifests of an array run into vqa_manifest.csv")
-    merge.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    merge.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", nargs="?",
+                       help="the run's OUTPUT_DIR (or give the run's --config)")
+    merge.add_argument("--config", type=Path, help="the run's .conf: merge its OUTPUT_DIR")
+    merge.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the file's")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub id (default {DEFAULT_MODEL})")
@@ -79,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import EXIT_ITEMS_FAILED
         from .shards import IncompleteError, merge
 
+        if args.config is not None and args.output_dir is not None and "=" in str(args.output_dir):
+            args.overrides.insert(0, str(args.output_dir))   # `merge --config CONF KEY=VALUE ...`
+            args.output_dir = None
+        if args.output_dir is None and args.config is None:
+            print("attention-map: merge needs OUTPUT_DIR or --config CONF", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.output_dir is None:
+            try:
+                args.output_dir = load_settings(args.config, parse_overrides(args.overrides))[0].OUTPUT_DIR
+            except ConfigError as error:
+                for problem in error.problems:
+                    print(f"attention-map: {problem}", file=sys.stderr)
+                return EXIT_CONFIG
         try:
             merged = merge(args.output_dir)
         except IncompleteError as error:

@@ -89,6 +89,12 @@ class Settings:
                         high=1.0)
     SAVE_RAW_CAM: bool = _key(False, "also write the map as a 16-bit grey PNG (<name>_cam.png, 0..65535 = 0..1)",
                               "bool")
+    # Cluster (read by scripts/run_heatmap_gen.sh; OFFLINE also by the run)
+    CONTAINER: str = _key("none", "run inside a container: none, docker, podman or apptainer", "choice",
+                          ("none", "docker", "podman", "apptainer"))
+    CONTAINER_IMAGE: str = _key("attention-map:latest", "docker/podman image, or apptainer .sif file or URI")
+    OFFLINE: bool = _key(False, "true: never touch the network (hub models must be cached; containers: --network none)",
+                         "bool")
 
     def to_conf(self) -> str:
         """The settings as a sourceable `.conf` text (one KEY=value line each)."""
@@ -188,9 +194,20 @@ def _parse_value(name: str, raw: str, where: str):
     return raw
 
 
+# Upper-case names a .conf may set that are not settings: the environment of the tools the run uses.
+_ENVIRONMENT_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "OMP_",
+                         "MKL_", "OPENBLAS_", "SLURM_", "SBATCH_", "APPTAINER", "SINGULARITY", "PYTHON", "LC_")
+_ENVIRONMENT_NAMES = {"PATH", "HOME", "TMPDIR", "LANG", "TZ", "USER", "LD_LIBRARY_PATH"}
+
+
+def _is_environment_name(name: str) -> bool:
+    return name in _ENVIRONMENT_NAMES or name.startswith(_ENVIRONMENT_PREFIXES)
+
+
 def _unknown_key_message(name: str, where: str) -> str:
     close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else "; lower-case names are free for helper variables"
+    hint = (f"; did you mean {close[0]}?" if close else
+            "; lower-case names are free for helper variables (environment such as HF_HOME or OMP_* is allowed too)")
     return f"{where}: unknown key {name}{hint}"
 
 
@@ -216,7 +233,7 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
     if conf is not None:
         values, set_by_file = source_conf(conf)
         for name in sorted(set_by_file):
-            if name[0].isupper() and name not in KEYS:
+            if name[0].isupper() and name not in KEYS and not _is_environment_name(name):
                 problems.append(_unknown_key_message(name, str(conf)))
         for name in KEYS:
             if name in values:
@@ -250,7 +267,8 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
 
 def default_conf_text() -> str:
     """The text of `configs/default.conf`: every key with its default and one comment line."""
-    out = ["# attention-map: every key with its default. Copy this file to start an experiment.",
+    out = ["# shellcheck shell=bash disable=SC2034  # the settings are read by the program that sources this file",
+           "# attention-map: every key with its default. Copy this file to start an experiment.",
            "# The file is bash: it is sourced, so ${RESULTS_ROOT}/name works as under sbatch.",
            "# Upper-case names must be known keys; lower-case names are free for helper variables.", ""]
     for name, f in KEYS.items():

@@ -246,7 +246,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         log.warning("%d heatmaps in %s were made with other settings and are made again",
                     progress.other_settings, settings.OUTPUT_DIR)
 
-    model = load_model(settings.MODEL, device)
+    model = load_model(settings.MODEL, device, offline=settings.OFFLINE)
     cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, settings.BATCH_SIZE,
                                            resolve_autocast(settings.PRECISION, device), topk=settings.TOPK)
     log.info("model %s on %s, %s at %s", settings.MODEL, device, cam.name, cam.target_layer)

@@ -1,0 +1,186 @@
+"""The cluster entry points against the real things: sbatch job arrays on a local Slurm, and the Docker image.
+
+`.ci/run` installs slurm-wlm, munge, docker.io and debootstrap (scripts/install_system_tools.sh). Elsewhere these
+tests skip, naming what is missing; under CI=true a missing tool fails them instead.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from local_cluster import LocalDocker, LocalSlurm, missing_tools
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _require(*tools: str) -> None:
+    problems = [f"{', '.join(missing_tools(*tools))} not installed"] if missing_tools(*tools) else []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if problems:
+        message = f"{'; '.join(problems)} (scripts/install_system_tools.sh installs them, as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    _require("slurmctld", "slurmd", "sbatch", "munged")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def _manifest(folder: Path) -> list[dict]:
+    with open(folder / "vqa_manifest.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _raw_maps(folder: Path, rows: list[dict]) -> list[np.ndarray]:
+    return [cv2.imread(str(folder / row["raw_map"]), cv2.IMREAD_UNCHANGED) / 65535.0 for row in rows]
+
+
+def _experiment(tmp_path: Path, model: Path, **settings) -> Path:
+    """An experiment file on the real GEMeX-style records, as a user would write one."""
+    lines = [f'source "{REPO}/configs/gemex/exp_01_vqa.conf"', f'MODEL="{model}"', "STOP_AFTER=4", "TOPK=16",
+             "DEVICE=cpu", "SAVE_RAW_CAM=true"] + [f'{k}="{v}"' for k, v in settings.items()]
+    conf = tmp_path / "experiment.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def test_a_killed_array_task_resubmitted_gives_what_one_local_run_gives(tmp_path, slurm, biomedclip_model, cxr):
+    conf = _experiment(tmp_path, biomedclip_model)
+    local = subprocess.run(["bash", "submit_heatmap_gen.sh", str(conf), f"OUTPUT_DIR={tmp_path / 'local'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, local.stderr
+
+    out = tmp_path / "array"
+    name = f"am-test-{os.getpid()}"
+    # the script asks for a GPU, 8 CPUs and 32 GB; options on the command line override that for this node
+    sbatch = ["sbatch", "--parsable", f"--job-name={name}", "--gres=none", "--cpus-per-task=1", "--mem=3G",
+              f"--output={tmp_path}/%x-%A_%a.out"]
+    submitted = slurm.run(*sbatch, "--array=0-1", "submit_heatmap_gen.sh", str(conf), f"OUTPUT_DIR={out}", cwd=REPO)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    journal = out / "shards" / "progress-0001-of-0002.jsonl"
+    deadline = time.monotonic() + 600
+    while not (journal.exists() and journal.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert slurm.run("scancel", f"{job}_1", cwd=REPO).returncode == 0   # preempted after its first heatmap
+    slurm.wait_idle()
+
+    merge_logs = sorted((REPO / "logs").glob(f"{name}-merge-*.out"))
+    assert len(merge_logs) == 1
+    assert "1 of 2 shards have not finished (1)" in merge_logs[0].read_text()
+    assert not (out / "vqa_manifest.csv").exists()
+
+    again = slurm.run(*sbatch, "--array=1", "--wait", "submit_heatmap_gen.sh", str(conf), f"OUTPUT_DIR={out}",
+                      cwd=REPO)
+    assert again.returncode == 0, again.stderr + "".join(p.read_text() for p in tmp_path.glob(f"{name}-*_1.out"))
+    slurm.wait_idle()
+    merge_logs = sorted((REPO / "logs").glob(f"{name}-merge-*.out"))
+    assert "Merged 2 shards: 4 heatmaps" in merge_logs[-1].read_text()
+    log = (tmp_path / f"{name}-{again.stdout.strip()}_1.out").read_text()
+    assert "already done" in log and ", 0 already done" not in log   # the resubmitted task resumed
+
+    assert _manifest(out) == _manifest(tmp_path / "local")
+    for got, want in zip(_raw_maps(out, _manifest(out)), _raw_maps(tmp_path / "local", _manifest(out))):
+        assert np.abs(got - want).max() <= 1e-6
+    for path in merge_logs:
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def docker_image(tmp_path_factory):
+    """The image of docker/Dockerfile on a Debian base built here (no registry is reachable)."""
+    _require("dockerd", "docker", "debootstrap")
+    folder = tmp_path_factory.mktemp("docker")
+    engine = LocalDocker(folder).start()
+    base = "attention-map-test-base:bookworm"
+    if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode != 0:
+        rootfs = folder / "rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                        "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True, capture_output=True)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-", base], stdin=tar.stdout, check=True, capture_output=True)
+        tar.wait()
+    build_args, server = _local_package_index()
+    host_ca = Path(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt")
+    context_ca = REPO / "docker" / "certs" / "test-host.crt"     # pip in the build trusts what pip here trusts
+    if host_ca.is_file():
+        context_ca.write_bytes(host_ca.read_bytes())
+    try:
+        build = subprocess.run(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
+                                "--build-arg", f"BASE_IMAGE={base}", *build_args, "-t", "attention-map:test", "."],
+                               cwd=REPO, capture_output=True, text=True, timeout=1800)
+    finally:
+        context_ca.unlink(missing_ok=True)
+        if server is not None:
+            server.terminate()
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    yield "attention-map:test"
+    engine.stop()
+
+
+def _local_package_index():
+    """pip's file:// indexes on this machine (where the pinned torch lies), served over HTTP for the build."""
+    urls = subprocess.run(["pip", "config", "get", "global.extra-index-url"], capture_output=True, text=True)
+    folders = [Path(u[len("file://"):]) for u in urls.stdout.split() if u.startswith("file://")]
+    if not folders:
+        return [], None
+    root = Path(os.path.commonpath([str(f.parent) for f in folders]))
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+                               str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    index = " ".join(f"http://127.0.0.1:{port}/{f.relative_to(root).as_posix()}" for f in folders)
+    return ["--build-arg", f"PIP_EXTRA_INDEX_URL={index}", "--build-arg", "PIP_TRUSTED_HOST=127.0.0.1"], server
+
+
+def test_the_pipeline_runs_in_docker_offline_and_outputs_belong_to_the_user(tmp_path, docker_image, tiny_model, cxr):
+    import pwd
+    import shutil
+
+    user = "attention-test"
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--groups", "docker", user], check=True)
+    uid = pwd.getpwnam(user).pw_uid
+    work = Path(f"/tmp/attention-docker-{os.getpid()}")   # not under pytest's private tmp: the user must read it
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o755)
+    model = Path(shutil.copytree(tiny_model, work / "model"))
+    out = work / "out"
+    conf = _experiment(work, model, OUTPUT_DIR=out, CONTAINER="docker", CONTAINER_IMAGE=docker_image, OFFLINE="true",
+                       HF_HOME=work / "hf")
+    for path in [work, *work.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    os.chown(work, uid, -1)        # the user's own folder, as on a cluster
+
+    as_user = ["runuser", "-u", user, "--"]
+    command = [*as_user, "scripts/run_heatmap_gen.sh", str(conf), "run", "--config", str(conf)]
+    dry = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DRY_RUN": "true"})
+    assert f"--user {uid}:" in dry.stdout and "--network none" in dry.stdout, dry.stdout + dry.stderr
+    assert f"--volume {model}:{model}:ro" in dry.stdout and f"--volume {out}:{out}:rw" in dry.stdout
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Done: 4 images, 4 heatmaps written, 0 failed" in result.stdout
+    files = [p for p in out.rglob("*")]
+    assert len([p for p in files if p.name.endswith("_cam.png")]) == 4
+    assert all(p.stat().st_uid == uid for p in files), [(p, p.stat().st_uid) for p in files if p.stat().st_uid != uid]
+
+    host = subprocess.run(["bash", "submit_heatmap_gen.sh", str(conf), "CONTAINER=none", f"OUTPUT_DIR={work / 'host'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert host.returncode == 0, host.stderr
+    assert _manifest(out) == _manifest(work / "host")
+    shutil.rmtree(work, ignore_errors=True)
