@@ -96,6 +96,8 @@ def test_a_killed_array_task_resubmitted_gives_what_one_local_run_gives(tmp_path
     assert _manifest(out) == _manifest(tmp_path / "local")
     for got, want in zip(_raw_maps(out, _manifest(out)), _raw_maps(tmp_path / "local", _manifest(out))):
         assert np.abs(got - want).max() <= 1e-6
+    for row in _manifest(out):
+        assert (out / row["image_path"]).read_bytes() == (tmp_path / "local" / row["image_path"]).read_bytes()
     for path in merge_logs:
         path.unlink()
 
