@@ -69,7 +69,10 @@ class Settings:
     CAM_METHOD: str = _key("gscorecam", "class-activation method", "choice", CAM_METHODS)
     TARGET_LAYER: str = _key("auto", "auto, or a dotted module path such as visual.trunk.blocks[-1].norm1")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
-    BATCH_SIZE: int = _key(64, "masked images per forward pass", "int", low=1)
+    BATCH_SIZE: int | None = _key(None, "masked images per forward pass (empty: 256 on cuda, 64 on cpu)", "int",
+                                  low=1, optional=True)
+    WORKERS: int | None = _key(None, "film-decoding processes and post-processing threads working beside the model "
+                               "(empty: 4 on cuda, 0 on cpu)", "int", low=0, optional=True)
     # Post-processing
     ENABLE_BODY_MASK: bool = _key(True, "zero the map outside the body (Otsu mask of the film)", "bool")
     SKIP_CRF: bool = _key(True, "false: refine the map with a dense CRF against the film", "bool")

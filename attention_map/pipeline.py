@@ -6,6 +6,8 @@ import dataclasses
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from .models import ModelLoadError, load_model
 from .postprocess import CRFParams, apply_mask, body_mask, crf_refine
 from .records import Prompt, prompts_of, read_records
 from .render import overlay, raw_map_16bit
+from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class Summary:
     errors_file: Path = Path(outputs.ERRORS)
     shard: str = ""
     stopped: str = ""        # why FAIL_FAST stopped the run, if it did
+    stage_seconds: dict = field(default_factory=dict)   # seconds per stage, summed over workers
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     @property
@@ -68,6 +72,9 @@ class Summary:
                  f"`attention-map merge {self.output_dir}` joins the shards once all are.")
         if self.stopped:
             where = f"Stopped at the first failure (FAIL_FAST=true): {self.stopped}. A rerun resumes."
+        if self.stage_seconds:
+            stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.stage_seconds.items())
+            where += f" Seconds per stage: {stages}."
         return (f"Done: {self.images} images, {self.heatmaps} heatmaps written, {failed}, "
                 f"{self.skipped} already done, {self.warnings} with warnings, in {self.seconds:.1f} s ({rate:.2f} heatmaps/s; "
                 f"{self.masked_forwards} masked forwards{per_heatmap}). {where}")
@@ -149,46 +156,60 @@ def _truncation_warning(model, prompt: str) -> str:
 
 
 class Heatmaps:
-    """Makes and writes the heatmaps of one film: CAM on the model grid, then body mask, CRF, overlay, PNGs."""
+    """The heatmaps of one film: `explain` runs the model (the accelerator's part), `finish` post-processes and
+    writes them (CPU work, safe to run in a worker thread while the model explains the next film)."""
 
-    def __init__(self, settings: Settings, model, cam):
-        self.settings, self.model, self.cam = settings, model, cam
+    def __init__(self, settings: Settings, model, cam, times: StageTimes):
+        self.settings, self.model, self.cam, self.times = settings, model, cam, times
         self.crf = CRFParams(settings.CRF_ITERATIONS, settings.CRF_TAU, settings.CRF_GAUSSIAN_SXY,
                              settings.CRF_GAUSSIAN_COMPAT, settings.CRF_BILATERAL_SXY, settings.CRF_BILATERAL_SRGB,
                              settings.CRF_BILATERAL_COMPAT)
 
-    def make(self, film, jobs: list[Job], on_written) -> None:
-        """Calls on_written(job, raw_map_name, warning) after each heatmap's PNGs are in place.
-
-        Raises StageError naming the stage (cam, post, write) that failed."""
-        settings = self.settings
+    def explain(self, film, jobs: list[Job]):
         with _stage("cam"):
-            grid_maps = self.cam.explain(self.model.prepare(film), [job.prompt.text for job in jobs])
-        with _stage("post"):
-            mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
-        height, width = film.shape
-        for job, grid_map in zip(jobs, grid_maps):
-            warnings = [grid_map.warning, _truncation_warning(self.model, job.prompt.text)]
-            with _stage("post"):
-                heat = grid_to_image(grid_map.cam, (width, height))
-                if mask is not None:
-                    heat, mask_warning = apply_mask(heat, mask)
-                    warnings.append(mask_warning)
-                if not settings.SKIP_CRF and heat.max() > 0:
-                    heat = crf_refine(film, heat, self.crf)
-                image = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
-            with _stage("write"):
-                raw_name = ""
-                if settings.SAVE_RAW_CAM:
-                    raw_name = outputs.raw_map_name(job.overlay)
-                    outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
-                outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
-            on_written(job, raw_name, "; ".join(w for w in warnings if w))
+            return self.cam.explain(self.model.prepare(film), [job.prompt.text for job in jobs])
+
+    def finish(self, film, jobs: list[Job], grid_maps) -> list[tuple[Job, str, str]]:
+        """Body mask, CRF, colour map and PNGs; returns (job, raw map name, warning) per heatmap written.
+
+        Raises StageError naming the stage (post, write) that failed, with the heatmaps written before it."""
+        settings, times = self.settings, self.times
+        written = []
+        try:
+            with _stage("post"), times("body mask"):
+                mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
+            height, width = film.shape
+            for job, grid_map in zip(jobs, grid_maps):
+                warnings = [grid_map.warning, _truncation_warning(self.model, job.prompt.text)]
+                with _stage("post"):
+                    with times("render"):
+                        heat = grid_to_image(grid_map.cam, (width, height))
+                    if mask is not None:
+                        with times("body mask"):
+                            heat, mask_warning = apply_mask(heat, mask)
+                        warnings.append(mask_warning)
+                    if not settings.SKIP_CRF and heat.max() > 0:
+                        with times("crf"):
+                            heat = crf_refine(film, heat, self.crf)
+                    with times("render"):
+                        image = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
+                with _stage("write"), times("png write"):
+                    raw_name = ""
+                    if settings.SAVE_RAW_CAM:
+                        raw_name = outputs.raw_map_name(job.overlay)
+                        outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
+                    outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
+                written.append((job, raw_name, "; ".join(w for w in warnings if w)))
+        except StageError as error:
+            error.written = written
+            raise
+        return written
 
 
 class StageError(Exception):
     def __init__(self, stage: str, error: BaseException):
         self.stage = stage
+        self.written: list = []   # heatmaps of the film written before the failure
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, torch.cuda.OutOfMemoryError):
             reason = "CUDA out of memory at BATCH_SIZE=1"
@@ -202,6 +223,61 @@ def _stage(name: str):
         yield
     except (ImageError, OSError, ValueError, RuntimeError) as error:
         raise StageError(name, error) from error
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """WORKERS, or by default 4 on CUDA (decoding and post-processing overlap the GPU's work) and 0 on the CPU
+    (where the model already uses every core and extra threads only compete with it)."""
+    if workers is not None:
+        return workers
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
+
+
+def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """BATCH_SIZE, or by default 256 masked images per forward on CUDA and 64 on the CPU."""
+    return batch_size or (256 if device.type == "cuda" else 64)
+
+
+class _Films(torch.utils.data.Dataset):
+    """Films decoded (in DataLoader workers when WORKERS > 0): (position, film or None, error or None, seconds)."""
+
+    def __init__(self, root: Path, paths: list[str], max_pixels: int):
+        self.root, self.paths, self.max_pixels = root, paths, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int):
+        started = time.perf_counter()
+        try:
+            film, error = load_film(self.root / self.paths[position], self.max_pixels), None
+        except (ImageError, OSError, ValueError) as problem:   # returned, not raised: it costs only this film
+            film, error = None, problem
+        return position, film, error, time.perf_counter() - started
+
+
+def _as_is(item):
+    return item
+
+
+def _films(settings: Settings, paths: list[str], workers: int):
+    films = _Films(settings.IMAGE_ROOT, paths, settings.MAX_IMAGE_PIXELS)
+    if workers == 0:
+        return (films[i] for i in range(len(films)))
+    return iter(torch.utils.data.DataLoader(films, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                            collate_fn=_as_is))
+
+
+def _submit(pool: ThreadPoolExecutor | None, function, *args) -> Future:
+    """pool.submit, or the same done at once when there is no pool."""
+    if pool is not None:
+        return pool.submit(function, *args)
+    future = Future()
+    try:
+        future.set_result(function(*args))
+    except StageError as error:
+        future.set_exception(error)
+    return future
 
 
 def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
@@ -247,9 +323,10 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
                     progress.other_settings, settings.OUTPUT_DIR)
 
     model = load_model(settings.MODEL, device, offline=settings.OFFLINE)
-    cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, settings.BATCH_SIZE,
+    cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
                                            resolve_autocast(settings.PRECISION, device), topk=settings.TOPK)
-    log.info("model %s on %s, %s at %s", settings.MODEL, device, cam.name, cam.target_layer)
+    log.info("model %s on %s, %s at %s, batch size %d, %d workers", settings.MODEL, device, cam.name,
+             cam.target_layer, cam.batch_size, resolve_workers(settings.WORKERS, device))
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
     settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -266,28 +343,62 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
             summary.warnings += 1
             log.warning("%s (%s): %s", job.overlay, job.prompt.text, warning)
 
-    heatmaps = Heatmaps(settings, model, cam)
-    bar = tqdm(todo.items(), total=len(todo), unit="img", desc="heatmaps", dynamic_ncols=True)
-    try:
-        for image_path, jobs in bar:
+    times = StageTimes(torch.cuda.synchronize if device.type == "cuda" else None)
+    cam.times = times
+    heatmaps = Heatmaps(settings, model, cam, times)
+    workers = resolve_workers(settings.WORKERS, device)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="post") if workers else None
+    pending: deque = deque()   # (film, jobs, future of Heatmaps.finish), in input order
+    bar = tqdm(total=len(todo), unit="img", desc="heatmaps", dynamic_ncols=True)
+
+    def failed(image_path: str, jobs: list[Job], error: StageError) -> None:
+        for done in error.written:
+            written(*done)
+        for job in jobs:
+            if job.index not in rows:
+                record = job.prompt.record
+                summary.errors.append((str(record.line), record.image_path, error.stage, str(error)))
+        log.error("%s: %s failed: %s", image_path, error.stage, error)
+        if settings.FAIL_FAST and not summary.stopped:
+            summary.stopped = f"{image_path}: {error.stage}: {error}"
+
+    def collect(wait_all: bool) -> None:
+        """Record finished films in order; waits while more than 2 per worker are in flight (flat memory)."""
+        while pending and (wait_all or pending[0][2].done() or len(pending) > 2 * max(workers, 1)):
+            image_path, jobs, future = pending.popleft()
             try:
-                with _stage("load"):
-                    film = load_film(settings.IMAGE_ROOT / image_path, settings.MAX_IMAGE_PIXELS)
-                heatmaps.make(film, jobs, written)
+                for done in future.result():
+                    written(*done)
                 summary.images += 1
             except StageError as error:
-                for job in jobs:
-                    if job.index not in rows:
-                        record = job.prompt.record
-                        summary.errors.append((str(record.line), record.image_path, error.stage, str(error)))
-                log.error("%s: %s failed: %s", image_path, error.stage, error)
-                if settings.FAIL_FAST:
-                    summary.stopped = f"{image_path}: {error.stage}: {error}"
-                    break
+                failed(image_path, jobs, error)
+            bar.update(1)
             bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures)
+
+    paths = list(todo)
+    try:
+        for position, film, load_error, seconds in _films(settings, paths, workers):
+            times.add("decode", seconds)
+            image_path, jobs = paths[position], todo[paths[position]]
+            try:
+                if load_error is not None:
+                    raise StageError("load", load_error)
+                grid_maps = heatmaps.explain(film, jobs)
+            except StageError as error:
+                failed(image_path, jobs, error)
+                bar.update(1)
+            else:
+                pending.append((image_path, jobs, _submit(pool, heatmaps.finish, film, jobs, grid_maps)))
+            collect(wait_all=False)
+            if summary.stopped:
+                break
+        collect(wait_all=True)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         progress.close([job.overlay for jobs in mine.values() for job in jobs])
+    summary.stage_seconds = times.ordered()
 
     if summary.stopped:
         outputs.write_atomic(summary.errors_file, outputs.errors_bytes(summary.errors))

@@ -25,7 +25,7 @@ FOLDER = "shards"
 # added later) is part of the fingerprint, so a rerun with other map settings redoes the heatmaps.
 _NOT_IN_FINGERPRINT = {"RESULTS_ROOT", "DATA_FILE", "IMAGE_ROOT", "OUTPUT_DIR", "PROMPT_SOURCE", "STOP_AFTER",
                        "MAX_IMAGE_PIXELS", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME", "OVERWRITE", "FAIL_FAST",
-                       "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "CONTAINER", "CONTAINER_IMAGE",
+                       "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "WORKERS", "CONTAINER", "CONTAINER_IMAGE",
                        "OFFLINE"}
 
 

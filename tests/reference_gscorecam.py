@@ -11,14 +11,21 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_gscorecam(model, pixels, prompt, topk, size, batch_size=64, layer_path=None):
-    """The final map (H, W) in [0, 1] for one prompt; `model` is an OpenCLIPModel, `size` = (width, height)."""
+def reference_gscorecam(model, pixels, prompt, topk, size, batch_size=64, layer_path=None, times=None):
+    """The final map (H, W) in [0, 1] for one prompt; `model` is an OpenCLIPModel, `size` = (width, height).
+
+    `times`: an attention_map.timing.StageTimes to charge the gradient pass and the masked forwards to."""
+    import contextlib
+
+    def stage(name):
+        return times(name) if times is not None else contextlib.nullcontext()
+
     net, tokens = model.module, model.tokenizer([prompt])
     layer = model.find_module(layer_path or model.default_target_layer())
     store = {}
     handle = layer.register_forward_hook(lambda module, args, output: store.__setitem__("a", output))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), stage("gradient pass"):
             x = pixels.detach().clone().requires_grad_(True)
             image = F.normalize(net.encode_image(x), dim=-1)
             text = F.normalize(net.encode_text(tokens), dim=-1)
@@ -34,7 +41,7 @@ def reference_gscorecam(model, pixels, prompt, topk, size, batch_size=64, layer_
     k = min(topk, channels)
     kept = torch.argsort(G.mean(dim=(1, 2)), descending=True)[:k]
     scores = []
-    with torch.no_grad():
+    with torch.no_grad(), stage("masked forwards"):
         for start in range(0, k, batch_size):
             grids = A[kept[start:start + batch_size]][:, None]
             masks = F.interpolate(grids, size=pixels.shape[-2:], mode="bilinear", align_corners=True)

@@ -235,3 +235,21 @@ def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr)
     assert configs[0] == configs[1]
     assert got == expected
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_worker_threads_and_processes_give_the_same_outputs_as_none(tmp_path, tiny_model):
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=5, size=96)
+    (tmp_path / "data" / "films" / "synthetic_002.png").write_bytes(b"broken")
+    results = {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "PROMPT_SOURCE=both",
+                     "SKIP_CRF=false", "SAVE_RAW_CAM=true", f"WORKERS={workers}")
+        assert result.returncode == 3, result.stderr
+        assert "12 heatmaps written, 3 failed" in result.stdout and "Seconds per stage: decode" in result.stdout
+        digests = _digests(out)
+        digests.pop("run_config.conf")
+        results[workers] = digests
+    assert results[0] == results[2]

@@ -12,6 +12,7 @@ import torch
 
 from ..maps import describe_flat
 from ..models.base import VisionTextModel
+from ..timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class BaseCAM(ABC):
         self.autocast_dtype = autocast_dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         self.masked_forwards = 0   # image forwards made on masked inputs, for the run's summary
+        self.times = StageTimes()  # the run replaces it with its own, to report seconds per stage
         self._oom_reported = False
 
     def forward_in_batches(self, count: int, make_batch) -> torch.Tensor:

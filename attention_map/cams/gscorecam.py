@@ -40,14 +40,15 @@ class GScoreCAM(BaseCAM):
         return embeddings
 
     def explain_grid(self, pixels, prompts):
-        text = self.text_embeddings(prompts)
-        activations, gradients = self.activations_and_gradients(pixels, text)
+        with self.times("gradient pass"):
+            text = self.text_embeddings(prompts)
+            activations, gradients = self.activations_and_gradients(pixels, text)
         channels = activations.shape[0]
         importance = gradients.mean(dim=(2, 3))                          # (Q, C), signed
         kept = importance.topk(min(self.topk, channels), dim=1).indices  # (Q, k)
         union = torch.unique(kept)                                       # sorted
         log.debug("%d prompts keep %d channels in all: %d masked forwards", len(prompts), len(union), len(union))
-        with torch.inference_mode():
+        with torch.inference_mode(), self.times("masked forwards"):
             embeddings = self.masked_embeddings(pixels.detach(), activations, union)
             all_scores = torch.nan_to_num(self.model.logit_scale.float() * embeddings @ text.T, nan=0.0)  # (U, Q)
             cams = []

@@ -1,0 +1,39 @@
+"""Seconds spent per stage of a run (decode, gradient pass, masked forwards, body mask, CRF, render, PNG write).
+
+Stages that run in worker threads add up their own time, so the sum can exceed the wall-clock time: that overlap
+is the point of the workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import defaultdict
+
+STAGES = ("decode", "gradient pass", "masked forwards", "body mask", "crf", "render", "png write")
+
+
+class StageTimes:
+    def __init__(self, synchronize=None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+        self._synchronize = synchronize   # e.g. torch.cuda.synchronize, so GPU work is charged to its stage
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._synchronize is not None:
+                self._synchronize()
+            self.add(stage, time.perf_counter() - started)
+
+    def ordered(self) -> dict[str, float]:
+        """Seconds per stage, in the order of the data flow."""
+        names = [s for s in STAGES if s in self.seconds] + [s for s in self.seconds if s not in STAGES]
+        return {name: self.seconds[name] for name in names}
