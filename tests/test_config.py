@@ -22,7 +22,7 @@ def test_conf_is_sourced_by_bash_and_overrides_win(tmp_path):
     assert settings.TOPK == 150 and settings.SKIP_CRF is False
     assert settings.ALPHA == 0.25 and settings.COLORMAP == "turbo"
     assert settings.IMAGE_ROOT == tmp_path            # default: the data file's folder
-    assert settings.BATCH_SIZE == 64 and settings.MODEL.startswith("hf-hub:")
+    assert settings.BATCH_SIZE is None and settings.MODEL.startswith("hf-hub:")   # None: per-device default
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
