@@ -280,6 +280,24 @@ def _submit(pool: ThreadPoolExecutor | None, function, *args) -> Future:
     return future
 
 
+def _skip_finished(films: dict[str, list[Job]], progress: shards.Progress, settings: Settings,
+                   rows: dict[int, outputs.ManifestRow]) -> dict[str, list[Job]]:
+    """The films still to make; the manifest rows of the finished ones go into `rows`.
+
+    A film is skipped only when all its heatmaps are done: the prompts of one film share their masked forwards,
+    so making the missing ones alone would not reproduce an uninterrupted run bit for bit.
+    """
+    todo = {}
+    for film, jobs in films.items():
+        finished = [progress.finished(job.overlay, job.prompt.text) for job in jobs]
+        if all(finished):
+            for job, entry in zip(jobs, finished):
+                rows[job.index] = _manifest_row(job, settings, entry["raw_map"], entry["warning"])
+        else:
+            todo[film] = jobs
+    return todo
+
+
 def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     """Make the heatmaps of this shard of `settings` (all of them outside a Slurm array); resumable."""
     started = time.perf_counter()
@@ -305,17 +323,8 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     progress = shards.Progress(settings.OUTPUT_DIR, shard, shards.fingerprint(settings),
                                read_existing=settings.RESUME and not settings.OVERWRITE)
     rows: dict[int, outputs.ManifestRow] = {}
-    todo: dict[str, list[Job]] = {}
-    for film, jobs in mine.items():
-        # A film is skipped only when all its heatmaps are done: the prompts of one film share their masked
-        # forwards, so making the missing ones alone would not reproduce an uninterrupted run bit for bit.
-        finished = [progress.finished(job.overlay, job.prompt.text) for job in jobs]
-        if all(finished):
-            for job, entry in zip(jobs, finished):
-                rows[job.index] = _manifest_row(job, settings, entry["raw_map"], entry["warning"])
-            summary.skipped += len(jobs)
-        else:
-            todo[film] = jobs
+    todo = _skip_finished(mine, progress, settings, rows)
+    summary.skipped = len(rows)
     if summary.skipped:
         log.info("resuming: %d heatmaps already done are skipped, %d to make", summary.skipped, total - summary.skipped)
     if progress.other_settings:

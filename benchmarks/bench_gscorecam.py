@@ -6,7 +6,7 @@ figures are end to end: decode, gradient pass, masked forwards, body mask, CRF, 
 
     .venv/bin/python benchmarks/bench_gscorecam.py                      # 1 film x 5 prompts, k = 300, CRF off
     .venv/bin/python benchmarks/bench_gscorecam.py --films 8 --crf on   # more films, CRF on
-    .venv/bin/python benchmarks/bench_gscorecam.py --memory-check       # peak RSS at 100 and 1,000 heatmaps
+    .venv/bin/python benchmarks/bench_gscorecam.py --memory-check       # instead: peak RSS at 100 and 1,000 heatmaps
 
 (a) is the reference formulation as tests/reference_gscorecam.py writes it: one (image, prompt) at a time, fp32,
 masked images in batches of 64, the text re-encoded in every batch. (b) is `attention_map.pipeline.run` with the
@@ -105,7 +105,7 @@ def reference_run(model, films, prompts, topk, crf_on, out: Path, device):
     return dict(heatmaps=len(maps), seconds=seconds, forwards=forwards, stages=times.ordered()), maps
 
 
-def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, precision="auto"):
+def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, precision="auto", workers=None):
     """(b): the pipeline, as a user runs it, on records naming the same films and prompts."""
     records = out / "records.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, 
             for q, prompt in enumerate(prompts):
                 handle.write(json.dumps({"image_path": f"nih/{film_path.name}", "question": prompt, "answer": "",
                                          "q_id": q}) + "\n")
-    settings = Settings(DATA_FILE=records, IMAGE_ROOT=CXR, OUTPUT_DIR=out / "maps", MODEL=str(model_dir),
+    settings = Settings(DATA_FILE=records, IMAGE_ROOT=CXR, OUTPUT_DIR=out / "maps", MODEL=str(model_dir), WORKERS=workers,
                         DEVICE=device_name, PRECISION=precision, TOPK=topk, SKIP_CRF=not crf_on, SAVE_RAW_CAM=True,
                         OVERWRITE=True)
     summary = run(settings)
@@ -144,7 +144,7 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(float(np.abs(a[key] - b[key]).max()) for key in a)
 
 
-def memory_check(work: Path) -> None:
+def memory_check(work: Path, workers: int | None) -> None:
     """Peak RSS of a tiny-model run at 100 and at 1,000 heatmaps (synthetic films, 5 prompts each)."""
     import subprocess
 
@@ -160,15 +160,17 @@ def memory_check(work: Path) -> None:
         lines += [json.dumps({"image_path": f"f{seed:03d}.png", "question": f"{p} ({place})?", "answer": "",
                               "q_id": q}) for q, p in enumerate(PROMPTS[:5])]
     (films / "records.jsonl").write_text("\n".join(lines) + "\n")
+    # The child reports its own high-water mark: the rusage of a forked child would include this process's pages.
+    child = ("import sys; from attention_map.cli import main; status = main(sys.argv[1:]); "
+             "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))); sys.exit(status)")
     for count in (20, 200):
-        process = subprocess.Popen([sys.executable, "-m", "attention_map", "run", f"DATA_FILE={films / 'records.jsonl'}",
-                                    f"MODEL={model}", f"OUTPUT_DIR={work / f'out{count}'}", f"STOP_AFTER={count}",
-                                    "SKIP_CRF=false", "SAVE_RAW_CAM=true"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        output = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
-        print(f"memory: {count * 5} heatmaps, peak RSS {usage.ru_maxrss / 2**20:.3f} GiB "
-              f"(exit {os.waitstatus_to_exitcode(status)}; {output.strip().split('. ')[0]})")
+        result = subprocess.run([sys.executable, "-c", child, "run", f"DATA_FILE={films / 'records.jsonl'}",
+                                 f"MODEL={model}", f"OUTPUT_DIR={work / f'out{count}'}", f"STOP_AFTER={count}",
+                                 "SKIP_CRF=false", "SAVE_RAW_CAM=true", f"WORKERS={'' if workers is None else workers}"],
+                                capture_output=True, text=True)
+        peak_kib = int(result.stdout.split("VmHWM:")[1].split()[0])
+        done = next(line for line in result.stdout.splitlines() if line.startswith("Done:")).split(". ")[0]
+        print(f"memory: {count * 5} heatmaps, peak RSS {peak_kib / 2**20:.3f} GiB (exit {result.returncode}; {done})")
 
 
 def main() -> None:
@@ -181,7 +183,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "results" / "models" / "bench-biomedclip",
                         help="model folder (made with random BiomedCLIP weights if missing)")
     parser.add_argument("--skip-reference", action="store_true", help="time the engine only")
-    parser.add_argument("--memory-check", action="store_true", help="also: peak RSS at 100 and 1,000 heatmaps")
+    parser.add_argument("--memory-check", action="store_true",
+                        help="instead: peak RSS of a tiny-model run at 100 and at 1,000 heatmaps")
+    parser.add_argument("--workers", type=int, help="WORKERS for the engine (default: the device's default)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known GPUs)")
     args = parser.parse_args()
 
@@ -191,6 +195,9 @@ def main() -> None:
         from attention_map.models.random_models import make_test_model
         print(f"making a random-weight BiomedCLIP-architecture model in {args.model} ...", flush=True)
         make_test_model(args.model, "biomedclip", seed=0)
+    if args.memory_check:
+        memory_check(Path(tempfile.mkdtemp(prefix="attention-bench-memory-")), args.workers)
+        return
     device = resolve_device(args.device)
     films = sorted((CXR / "nih").glob("*.png"))[: args.films]
     prompts = PROMPTS[: args.prompts]
@@ -213,7 +220,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         figures, engine_maps = engine_run(args.model, films, prompts, args.topk, args.crf == "on", work / "engine",
-                                          args.device)
+                                          args.device, workers=args.workers)
     results["b"] = _report("(b) engine, as a user runs it", figures, rss.peak, _gpu_peak(device))
 
     if "a" in results:
@@ -223,7 +230,7 @@ def main() -> None:
               f"heatmaps per second {results['b'][0] / results['a'][0]:.2f}x")
     if device.type == "cuda":
         fp32_figures, fp32_maps = engine_run(args.model, films, prompts, args.topk, args.crf == "on",
-                                             work / "engine-fp32", args.device, precision="fp32")
+                                             work / "engine-fp32", args.device, precision="fp32", workers=args.workers)
         print(f"bf16 autocast vs fp32 (engine): max |difference| of maps = {_max_difference(engine_maps, fp32_maps):.2e}")
         masked = figures["stages"].get("masked forwards", 0.0)
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -231,8 +238,6 @@ def main() -> None:
             achieved = (figures["forwards"] - len(films)) * VIT_B16_GFLOP / masked / 1e3
             print(f"masked-forward phase: {achieved:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of the "
                   f"{peak:.0f} TFLOP/s bf16 peak")
-    if args.memory_check:
-        memory_check(work / "memory")
     print(f"outputs in {work}")
 
 

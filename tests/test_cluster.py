@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,13 +136,14 @@ def docker_image(tmp_path_factory):
 
 def _local_package_index():
     """pip's file:// indexes on this machine (where the pinned torch lies), served over HTTP for the build."""
-    urls = subprocess.run(["pip", "config", "get", "global.extra-index-url"], capture_output=True, text=True)
+    urls = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.extra-index-url"], capture_output=True,
+                          text=True)
     folders = [Path(u[len("file://"):]) for u in urls.stdout.split() if u.startswith("file://")]
     if not folders:
         return [], None
     root = Path(os.path.commonpath([str(f.parent) for f in folders]))
     port = 18000 + os.getpid() % 1000
-    server = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
                                str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     index = " ".join(f"http://127.0.0.1:{port}/{f.relative_to(root).as_posix()}" for f in folders)
