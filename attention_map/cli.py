@@ -1,4 +1,4 @@
-"""Command line: run | merge | fetch-model | make-test-model | make-demo-data | default-conf.
+"""Command line: run | merge | evaluate | fetch-model | make-test-model | make-demo-data | default-conf.
 
 Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
 some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="the run's OUTPUT_DIR (or give the run's --config)")
     merge.add_argument("--config", type=Path, help="the run's .conf: merge its OUTPUT_DIR")
     merge.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the file's")
+
+    evaluate = commands.add_parser("evaluate", help="score a run's heatmaps against expert boxes")
+    evaluate.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="a finished run (SAVE_RAW_CAM=true)")
+    evaluate.add_argument("--truth", type=Path, required=True,
+                          help="GEMeX records with visual_locations (JSONL/JSON), or a CSV image_path,x,y,w,h,label")
+    evaluate.add_argument("--top-percent", type=float, default=15.0, help="top-p%% threshold for IoU/Dice (15)")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub id (default {DEFAULT_MODEL})")
@@ -78,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fetched %s into %s; on compute nodes set MODEL=%s", args.model, folder, folder)
         return 0
 
+    if args.command == "evaluate":
+        from .evaluate import EvaluationError, evaluate
+
+        try:
+            result = evaluate(args.output_dir, args.truth, args.top_percent)
+        except EvaluationError as error:
+            print(f"attention-map: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(result.markdown() + f"\nWritten: evaluation.csv, evaluation.json, evaluation.md in {args.output_dir}")
+        return 0
     if args.command == "merge":
         from .pipeline import EXIT_ITEMS_FAILED
         from .shards import IncompleteError, merge

@@ -1,7 +1,7 @@
-"""The run: records -> films -> model -> CAM -> body mask / CRF -> overlays -> manifest."""
+"""The run: plan the heatmaps, skip the finished ones, then films (decoded in workers) -> model -> CAM, with body
+mask / CRF / overlays written in threads beside it -> this shard's manifest (merged at once outside an array)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -17,26 +17,16 @@ from tqdm import tqdm
 from . import outputs, shards
 from .cams import CAM_METHODS
 from .config import ConfigError, Settings
+from .heatmaps import Heatmaps, StageError
 from .images import ImageError, load_film
-from .maps import grid_to_image
 from .models import ModelLoadError, load_model
-from .postprocess import CRFParams, apply_mask, body_mask, crf_refine
-from .records import Prompt, prompts_of, read_records
-from .render import overlay, raw_map_16bit
+from .plan import Job, manifest_row, plan_jobs
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
 EXIT_ITEMS_FAILED = 3  # the run finished, but some records or images failed (see errors.csv)
 EXIT_STOPPED = 4       # FAIL_FAST=true and an item failed: the run stopped there
-
-
-@dataclass(frozen=True)
-class Job:
-    """One heatmap to make: its place in the manifest, the prompt, and the overlay's name under OUTPUT_DIR."""
-    index: int
-    prompt: Prompt
-    overlay: str
 
 
 @dataclass
@@ -99,46 +89,6 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def plan_jobs(settings: Settings, errors: list) -> dict[str, list[Job]]:
-    """The heatmaps of the run grouped by film, films in first-seen order, at most STOP_AFTER films."""
-    records, record_errors = read_records(settings.DATA_FILE)
-    errors.extend((str(e.line), e.image_path, f"record:{e.field}", e.reason) for e in record_errors)
-    groups: dict[str, list[Job]] = {}
-    taken: dict[str, int] = {}
-    index = 0
-    for record in records:
-        try:
-            relative = outputs.relative_image_path(record.image_path, settings.IMAGE_ROOT,
-                                                   settings.ALLOW_OUTSIDE_IMAGE_ROOT)
-        except ValueError as error:
-            errors.append((str(record.line), record.image_path, "record:image_path", str(error)))
-            continue
-        key = relative.as_posix()
-        if key not in groups and settings.STOP_AFTER is not None and len(groups) >= settings.STOP_AFTER:
-            continue
-        for prompt in prompts_of(record, settings.PROMPT_SOURCE):
-            name = outputs.overlay_name(relative, record.q_id, prompt.region)
-            if not prompt.text.strip():
-                errors.append((str(record.line), record.image_path, "record:question", "empty prompt"))
-            elif name in taken:
-                errors.append((str(record.line), record.image_path, "record:q_id",
-                               f"output {name} is already made by the record on line {taken[name]}"))
-            else:
-                taken[name] = record.line
-                groups.setdefault(key, []).append(Job(index, prompt, name))
-                index += 1
-    return groups
-
-
-def _manifest_row(job: Job, settings: Settings, raw_map: str, warning: str) -> outputs.ManifestRow:
-    record = job.prompt.record
-    return outputs.ManifestRow(
-        image_path=job.overlay, question=record.question, answer=record.answer, source_image=record.image_path,
-        prompt=job.prompt.text, region="" if job.prompt.region is None else str(job.prompt.region),
-        cam_method=settings.CAM_METHOD, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
-        raw_map=raw_map, warning=warning)
-
-
 def _check_earlier_run(settings: Settings) -> None:
     """With RESUME=false and OVERWRITE=false, an OUTPUT_DIR that holds a run is left alone."""
     if settings.RESUME or settings.OVERWRITE:
@@ -146,83 +96,6 @@ def _check_earlier_run(settings: Settings) -> None:
     if (settings.OUTPUT_DIR / outputs.RUN_CONFIG).exists() or (settings.OUTPUT_DIR / shards.FOLDER).exists():
         raise ConfigError([f"OUTPUT_DIR={settings.OUTPUT_DIR} holds an earlier run and RESUME=false: set "
                            f"RESUME=true to continue it, OVERWRITE=true to redo it, or choose another OUTPUT_DIR"])
-
-
-def _truncation_warning(model, prompt: str) -> str:
-    tokens = model.count_tokens(prompt)
-    if tokens <= model.context_length:
-        return ""
-    return f"prompt truncated to the model's {model.context_length} tokens ({tokens - model.context_length} dropped)"
-
-
-class Heatmaps:
-    """The heatmaps of one film: `explain` runs the model (the accelerator's part), `finish` post-processes and
-    writes them (CPU work, safe to run in a worker thread while the model explains the next film)."""
-
-    def __init__(self, settings: Settings, model, cam, times: StageTimes):
-        self.settings, self.model, self.cam, self.times = settings, model, cam, times
-        self.crf = CRFParams(settings.CRF_ITERATIONS, settings.CRF_TAU, settings.CRF_GAUSSIAN_SXY,
-                             settings.CRF_GAUSSIAN_COMPAT, settings.CRF_BILATERAL_SXY, settings.CRF_BILATERAL_SRGB,
-                             settings.CRF_BILATERAL_COMPAT)
-
-    def explain(self, film, jobs: list[Job]):
-        with _stage("cam"):
-            return self.cam.explain(self.model.prepare(film), [job.prompt.text for job in jobs])
-
-    def finish(self, film, jobs: list[Job], grid_maps) -> list[tuple[Job, str, str]]:
-        """Body mask, CRF, colour map and PNGs; returns (job, raw map name, warning) per heatmap written.
-
-        Raises StageError naming the stage (post, write) that failed, with the heatmaps written before it."""
-        settings, times = self.settings, self.times
-        written = []
-        try:
-            with _stage("post"), times("body mask"):
-                mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
-            height, width = film.shape
-            for job, grid_map in zip(jobs, grid_maps):
-                warnings = [grid_map.warning, _truncation_warning(self.model, job.prompt.text)]
-                with _stage("post"):
-                    with times("render"):
-                        heat = grid_to_image(grid_map.cam, (width, height))
-                    if mask is not None:
-                        with times("body mask"):
-                            heat, mask_warning = apply_mask(heat, mask)
-                        warnings.append(mask_warning)
-                    if not settings.SKIP_CRF and heat.max() > 0:
-                        with times("crf"):
-                            heat = crf_refine(film, heat, self.crf)
-                    with times("render"):
-                        image = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
-                with _stage("write"), times("png write"):
-                    raw_name = ""
-                    if settings.SAVE_RAW_CAM:
-                        raw_name = outputs.raw_map_name(job.overlay)
-                        outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
-                    outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
-                written.append((job, raw_name, "; ".join(w for w in warnings if w)))
-        except StageError as error:
-            error.written = written
-            raise
-        return written
-
-
-class StageError(Exception):
-    def __init__(self, stage: str, error: BaseException):
-        self.stage = stage
-        self.written: list = []   # heatmaps of the film written before the failure
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if isinstance(error, torch.cuda.OutOfMemoryError):
-            reason = "CUDA out of memory at BATCH_SIZE=1"
-        super().__init__(reason)
-
-
-@contextlib.contextmanager
-def _stage(name: str):
-    """Turns the errors an item can raise into a StageError naming where it happened."""
-    try:
-        yield
-    except (ImageError, OSError, ValueError, RuntimeError) as error:
-        raise StageError(name, error) from error
 
 
 def resolve_workers(workers: int | None, device: torch.device) -> int:
@@ -292,7 +165,7 @@ def _skip_finished(films: dict[str, list[Job]], progress: shards.Progress, setti
         finished = [progress.finished(job.overlay, job.prompt.text) for job in jobs]
         if all(finished):
             for job, entry in zip(jobs, finished):
-                rows[job.index] = _manifest_row(job, settings, entry["raw_map"], entry["warning"])
+                rows[job.index] = manifest_row(job, settings, entry["raw_map"], entry["warning"])
         else:
             todo[film] = jobs
     return todo
@@ -346,7 +219,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
 
     def written(job: Job, raw_name: str, warning: str) -> None:
         progress.add(job.overlay, job.prompt.text, warning, raw_name)
-        rows[job.index] = _manifest_row(job, settings, raw_name, warning)
+        rows[job.index] = manifest_row(job, settings, raw_name, warning)
         summary.heatmaps += 1
         if warning:
             summary.warnings += 1

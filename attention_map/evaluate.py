@@ -1,0 +1,196 @@
+"""Heatmaps against expert boxes: pointing game, energy in the boxes, IoU/Dice of thresholded maps, pixel AUROC,
+aggregated with 95% confidence intervals by a cluster bootstrap over films (a film's heatmaps are not independent).
+
+Ground truth is GEMeX records (`visual_locations`: [x1, y1, x2, y2] corners on the 224 x 224 grid, one box per
+visual region, scaled to each film) or a CSV of pixel boxes `image_path,x,y,w,h,label`. A question's heatmap is
+scored against all boxes of its record, a region prompt's heatmap against its region's box.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy.stats import rankdata
+from skimage.filters import threshold_otsu
+
+from . import outputs
+
+GEMEX_GRID = 224
+METRICS = ("hit", "energy", "energy_ratio", "iou_otsu", "dice_otsu", "iou_top", "dice_top", "auroc")
+
+
+class EvaluationError(ValueError):
+    """The outputs or the ground truth cannot be evaluated; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Boxes:
+    corners: tuple[tuple[float, float, float, float], ...]   # (x1, y1, x2, y2)
+    grid: int | None = None    # the corners are on a grid x grid image (GEMeX: 224); None: pixels of the film
+
+    def mask(self, height: int, width: int) -> np.ndarray:
+        mask = np.zeros((height, width), bool)
+        sx, sy = (width / self.grid, height / self.grid) if self.grid else (1.0, 1.0)
+        for x1, y1, x2, y2 in self.corners:
+            left, top = max(0, int(np.floor(x1 * sx))), max(0, int(np.floor(y1 * sy)))
+            right, bottom = min(width, int(np.ceil(x2 * sx))), min(height, int(np.ceil(y2 * sy)))
+            mask[top:bottom, left:right] = True
+        return mask
+
+
+def read_truth(path: Path) -> dict:
+    """{(image_path, q_id): [Boxes per visual region]} for GEMeX records, {image_path: [Boxes]} for a box CSV."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        truth: dict = {}
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"image_path", "x", "y", "w", "h"} - set(reader.fieldnames or [])
+            if missing:
+                raise EvaluationError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} "
+                                      f"(a box CSV needs image_path,x,y,w,h[,label])")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    x, y, w, h = (float(row[k]) for k in "xywh")
+                except (TypeError, ValueError):
+                    continue       # a film listed without a box (e.g. "Normal")
+                truth.setdefault(row["image_path"], []).append(Boxes(((x, y, x + w, y + h),)))
+        return truth
+    truth = {}
+    for index, item in enumerate(_json_items(path)):   # q_id defaults to the item's index, as in records.py
+        if isinstance(item, dict) and item.get("visual_locations"):
+            q_id = item.get("q_id")
+            q_id = str(index) if q_id is None or str(q_id).strip() == "" else str(q_id).strip()
+            key = (str(item.get("image_path", "")).strip(), q_id)
+            truth[key] = [Boxes((tuple(map(float, box)),), GEMEX_GRID) for box in item["visual_locations"]]
+    return truth
+
+
+def _json_items(path: Path):
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if text.lstrip().startswith("["):
+        yield from json.loads(text)
+        return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            yield None      # still counts as an item, as it does for the run
+
+
+def heatmap_scores(heat: np.ndarray, boxes: np.ndarray, top_percent: float) -> dict[str, float]:
+    """The metrics of one map (H, W) >= 0 against a box mask (H, W) of the same size."""
+    inside = boxes.astype(bool)
+    total = float(heat.sum())
+    fraction = float(inside.mean())
+    energy = float(heat[inside].sum()) / total if total > 0 else 0.0
+    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    scores = dict(hit=float(total > 0 and inside[peak]), energy=energy,
+                  energy_ratio=energy / fraction if fraction > 0 else 0.0, box_fraction=fraction)
+    flat = heat.max() <= heat.min()
+    otsu = np.zeros_like(inside) if flat else heat > threshold_otsu(heat)
+    top = np.zeros_like(inside) if flat else heat >= np.quantile(heat, 1 - top_percent / 100)
+    for name, mask in (("otsu", otsu), ("top", top)):
+        overlap = float(np.logical_and(mask, inside).sum())
+        union = float(np.logical_or(mask, inside).sum())
+        size = float(mask.sum() + inside.sum())
+        scores[f"iou_{name}"] = overlap / union if union else 0.0
+        scores[f"dice_{name}"] = 2 * overlap / size if size else 0.0
+    positives, negatives = int(inside.sum()), int((~inside).sum())
+    if positives and negatives:
+        ranks = rankdata(heat.ravel())
+        scores["auroc"] = (ranks[inside.ravel()].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+    else:
+        scores["auroc"] = float("nan")
+    return scores
+
+
+def cluster_bootstrap(values: np.ndarray, clusters: np.ndarray, resamples: int = 2000, seed: int = 0):
+    """(mean, low, high): the 95% percentile interval of the mean when whole clusters (films) are resampled."""
+    values = np.asarray(values, float)
+    keep = ~np.isnan(values)
+    values, clusters = values[keep], np.asarray(clusters)[keep]
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    names, members = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(members, weights=values, minlength=len(names))
+    counts = np.bincount(members, minlength=len(names))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(names), size=(resamples, len(names)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+@dataclass
+class Evaluation:
+    heatmaps: int
+    films: int
+    without_boxes: int
+    top_percent: float
+    aggregates: dict
+
+    def markdown(self) -> str:
+        lines = [f"# Evaluation of {self.heatmaps} heatmaps on {self.films} films", "",
+                 f"Means with 95% confidence intervals (cluster bootstrap over films). Top-p threshold: "
+                 f"{self.top_percent:g}% of pixels. {self.without_boxes} heatmaps had no box and are not counted.", "",
+                 "| metric | mean | 95% CI |", "|---|---|---|"]
+        for name, (mean, low, high) in self.aggregates.items():
+            lines.append(f"| {name} | {mean:.3f} | {low:.3f} to {high:.3f} |")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resamples: int = 2000,
+             seed: int = 0) -> Evaluation:
+    """Score every heatmap of a finished run; writes evaluation.csv, evaluation.json and evaluation.md."""
+    output_dir = Path(output_dir)
+    manifest = output_dir / outputs.MANIFEST
+    if not manifest.is_file():
+        raise EvaluationError(f"{manifest} not found: evaluate a finished run (after `merge` for an array)")
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not rows[0]["raw_map"]:
+        raise EvaluationError(f"{manifest}: the run kept no raw maps; run it again with SAVE_RAW_CAM=true "
+                              f"(RESUME makes only the missing files)")
+    truth = read_truth(truth_path)
+    scored, without = [], 0
+    for row in rows:
+        boxes = truth.get((row["source_image"], row["q_id"]), truth.get(row["source_image"]))
+        if boxes and row["region"] != "" and len(boxes) > int(row["region"]) and truth_path.suffix != ".csv":
+            boxes = [boxes[int(row["region"])]]
+        if not boxes:
+            without += 1
+            continue
+        heat = cv2.imread(str(output_dir / row["raw_map"]), cv2.IMREAD_UNCHANGED)
+        if heat is None:
+            raise EvaluationError(f"{output_dir / row['raw_map']}: raw map missing or unreadable")
+        heat = heat.astype(np.float64) / 65535.0
+        mask = np.zeros(heat.shape, bool)
+        for box in boxes:
+            mask |= box.mask(*heat.shape)
+        scored.append(dict(image_path=row["image_path"], source_image=row["source_image"], prompt=row["prompt"],
+                           **heatmap_scores(heat, mask, top_percent)))
+    if not scored:
+        raise EvaluationError(f"no heatmap of {manifest} has a box in {truth_path} (matched by image path and q_id)")
+    films = np.array([s["source_image"] for s in scored])
+    aggregates = {name: cluster_bootstrap(np.array([s[name] for s in scored]), films, resamples, seed)
+                  for name in METRICS}
+    result = Evaluation(len(scored), len(set(films)), without, top_percent, aggregates)
+    columns = list(scored[0])
+    outputs.write_atomic(output_dir / "evaluation.csv",
+                         outputs.csv_bytes(columns, [[_text(s[c]) for c in columns] for s in scored]))
+    summary = asdict(result) | {"aggregates": {k: dict(zip(("mean", "low", "high"), v)) for k, v in aggregates.items()},
+                                "truth": str(truth_path), "bootstrap_resamples": resamples, "seed": seed}
+    outputs.write_atomic(output_dir / "evaluation.json", (json.dumps(summary, indent=2) + "\n").encode())
+    outputs.write_atomic(output_dir / "evaluation.md", result.markdown().encode())
+    return result
+
+
+def _text(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,84 @@
+"""Evaluation against expert boxes: the metrics on maps with a known answer, the bootstrap, and real runs."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from attention_map.evaluate import Boxes, cluster_bootstrap, evaluate, heatmap_scores
+
+from test_cli import REPO, cli
+
+
+def _blob(shape, centre, sigma=4.0):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma ** 2))
+
+
+def test_a_map_peaked_in_the_box_scores_high_and_one_outside_scores_low():
+    box = Boxes(((40, 20, 60, 40),)).mask(100, 100)          # x 40..60, y 20..40
+    inside = heatmap_scores(_blob((100, 100), (30, 50)), box, top_percent=4)
+    assert inside["hit"] == 1 and inside["energy"] > 0.9 and inside["auroc"] > 0.99
+    assert inside["energy_ratio"] == pytest.approx(inside["energy"] / 0.04)
+    assert inside["iou_top"] > 0.5 and inside["dice_otsu"] > 0.3
+    outside = heatmap_scores(_blob((100, 100), (80, 15)), box, top_percent=4)
+    assert outside["hit"] == 0 and outside["energy"] < 0.01 and outside["auroc"] < 0.5
+    assert outside["iou_top"] == 0 and outside["iou_otsu"] == 0
+    empty = heatmap_scores(np.zeros((100, 100)), box, top_percent=4)
+    assert empty["hit"] == 0 and empty["energy"] == 0 and empty["auroc"] == pytest.approx(0.5)
+
+
+def test_gemex_grid_boxes_scale_to_the_film():
+    mask = Boxes(((56, 112, 112, 224),), grid=224).mask(400, 800)   # quarter-width, lower half
+    rows, cols = np.nonzero(mask)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (200, 399, 200, 399)
+
+
+def test_the_bootstrap_resamples_films_not_heatmaps():
+    # two films, each with 50 identical heatmaps: as independent samples the interval would be tiny
+    values = np.r_[np.zeros(50), np.ones(50)]
+    films = np.r_[["a"] * 50, ["b"] * 50]
+    mean, low, high = cluster_bootstrap(values, films, resamples=2000, seed=1)
+    assert mean == 0.5 and low == 0.0 and high == 1.0
+    assert cluster_bootstrap(values, films, seed=1) == cluster_bootstrap(values, films, seed=1)
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory, tiny_model, cxr):
+    out = tmp_path_factory.mktemp("evaluate") / "out"
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}",
+                 "PROMPT_SOURCE=both")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_random_weights_score_at_chance_on_the_real_expert_boxes(random_run, cxr):
+    result = cli("evaluate", random_run, "--truth", cxr / "vqa" / "gemex_style_closed_ended.jsonl")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((random_run / "evaluation.json").read_text())
+    assert summary["heatmaps"] == 47 and summary["films"] == 20 and summary["without_boxes"] == 0
+    aggregates = summary["aggregates"]
+    for name, chance in (("energy_ratio", 1.0), ("auroc", 0.5)):     # a sanity bound, not a quality bar
+        assert aggregates[name]["low"] <= chance <= aggregates[name]["high"], (name, aggregates[name])
+    assert aggregates["hit"]["low"] < aggregates["hit"]["mean"] < aggregates["hit"]["high"]
+    with open(random_run / "evaluation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 47 and all(0 <= float(r["energy"]) <= 1 for r in rows)
+    assert "| auroc |" in (random_run / "evaluation.md").read_text() and "| auroc |" in result.stdout
+
+
+def test_pixel_box_csv_truth_and_clear_errors(random_run, cxr, tmp_path):
+    boxes = tmp_path / "boxes.csv"
+    with open(cxr / "annotations" / "nih_bbox.csv", newline="") as source, open(boxes, "w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(["image_path", "x", "y", "w", "h", "label"])
+        for row in csv.DictReader(source):
+            writer.writerow([f"nih/{row['image']}", row["x"], row["y"], row["w"], row["h"], row["label"]])
+    result = evaluate(random_run, boxes)
+    assert 0 < result.heatmaps < 47 and result.without_boxes == 47 - result.heatmaps
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,x,y\n")
+    failed = cli("evaluate", random_run, "--truth", bad)
+    assert failed.returncode == 2 and "missing column(s) h, image_path, w" in failed.stderr
+    no_run = cli("evaluate", tmp_path, "--truth", boxes)
+    assert no_run.returncode == 2 and "vqa_manifest.csv not found" in no_run.stderr
