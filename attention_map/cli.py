@@ -1,4 +1,4 @@
-"""Command line: run | merge | evaluate | fetch-model | make-test-model | make-demo-data | default-conf.
+"""Command line: run | merge | evaluate | report | fetch-model | make-test-model | make-demo-data | default-conf.
 
 Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
 some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--truth", type=Path, required=True,
                           help="GEMeX records with visual_locations (JSONL/JSON), or a CSV image_path,x,y,w,h,label")
     evaluate.add_argument("--top-percent", type=float, default=15.0, help="top-p%% threshold for IoU/Dice (15)")
+
+    report = commands.add_parser("report", help="write OUTPUT_DIR/index.html, a gallery of the run's heatmaps")
+    report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub id (default {DEFAULT_MODEL})")
@@ -84,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fetched %s into %s; on compute nodes set MODEL=%s", args.model, folder, folder)
         return 0
 
+    if args.command == "report":
+        from .report import write_report
+
+        try:
+            log.info("wrote %s", write_report(args.output_dir))
+        except FileNotFoundError as error:
+            print(f"attention-map: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        return 0
     if args.command == "evaluate":
         from .evaluate import EvaluationError, evaluate
 

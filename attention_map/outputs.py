@@ -74,12 +74,17 @@ def raw_map_name(overlay: str) -> str:
 
 TEMPORARY_SUFFIX = ".am-tmp"
 
+# The process's umask, read once at import (reading it means setting it, which is not safe once threads run).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)    # mkstemp makes 0600; outputs get the modes any new file gets
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temporary, path)

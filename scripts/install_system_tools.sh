@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The system tools the cluster tests run against (as root, on Debian/Ubuntu): a one-node Slurm (slurm-wlm, munge),
-# a Docker engine and debootstrap (to build a local base image), and shellcheck. Safe to run again.
+# a Docker engine and debootstrap (to build a local base image), shellcheck, and chromium (the report test).
+# Safe to run again.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -9,5 +10,5 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurm-wlm munge docker.io debootstrap shellcheck > /dev/null
-echo "installed: slurm-wlm munge docker.io debootstrap shellcheck"
+apt-get install -y -qq --no-install-recommends slurm-wlm munge docker.io debootstrap shellcheck chromium > /dev/null
+echo "installed: slurm-wlm munge docker.io debootstrap shellcheck chromium"

@@ -1,4 +1,5 @@
 import csv
+import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -65,6 +66,9 @@ def test_png_completeness(tmp_path):
     path = tmp_path / "a.png"
     outputs.write_png(path, np.zeros((4, 4, 3), np.uint8))
     assert outputs.png_is_complete(path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask     # readable by the group like any new file
     path.write_bytes(path.read_bytes()[:-5])
     assert not outputs.png_is_complete(path) and not outputs.png_is_complete(tmp_path / "missing.png")
 

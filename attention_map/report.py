@@ -1,0 +1,137 @@
+"""A self-contained `index.html` gallery of a run: film, overlay and raw map side by side per heatmap, with the
+question, answer and prompt, and the evaluation's figures when `evaluate` has run. Images are embedded as data URIs,
+so the file opens from disk without a server. Every text that comes from the data is HTML-escaped."""
+from __future__ import annotations
+
+import base64
+import csv
+from html import escape
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import outputs
+from .images import ImageError, load_film
+from .shards import read_run_config
+
+THUMBNAIL = 256   # longest side, pixels
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1em; background: #f6f6f6; }
+.bar { margin: .5em 0 1em; } .bar button { margin-right: .3em; }
+.card { background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: .6em; margin: .6em 0; }
+.card.hit { border-left: 6px solid #2a9d3a; } .card.miss { border-left: 6px solid #c0392b; }
+.images img { width: 256px; height: auto; margin-right: .4em; background: #000; }
+.text { margin-top: .4em; white-space: pre-wrap; } .label { color: #666; }
+.metrics { color: #333; font-size: .9em; margin-top: .3em; }
+"""
+
+_SCRIPT = """
+function show(kind) {
+  document.querySelectorAll('.card').forEach(function (card) {
+    card.style.display = (kind === 'all' || card.classList.contains(kind)) ? '' : 'none';
+  });
+}
+function sortBy(key) {
+  var list = document.getElementById('cards');
+  var cards = Array.prototype.slice.call(list.children);
+  cards.sort(function (a, b) { return parseFloat(b.dataset[key] || -1) - parseFloat(a.dataset[key] || -1); });
+  if (key === 'order') { cards.reverse(); }
+  cards.forEach(function (card) { list.appendChild(card); });
+}
+"""
+
+
+def _data_uri(image: np.ndarray | None) -> str:
+    """A PNG data URI of an RGB or grey uint8/uint16 image, shrunk to THUMBNAIL on its longest side."""
+    if image is None:
+        return ""
+    scale = THUMBNAIL / max(image.shape[:2])
+    if scale < 1:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", image)
+    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode() if ok else ""
+
+
+def _read(path: Path) -> np.ndarray | None:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is not None and image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def _film(image_root: Path | None, source_image: str) -> np.ndarray | None:
+    if image_root is None:
+        return None
+    try:
+        return np.round(load_film(image_root / source_image) * 255).astype(np.uint8)
+    except ImageError:
+        return None
+
+
+def _img(uri: str, alt: str) -> str:
+    if not uri:
+        return f'<span class="label">({escape(alt)} not available)</span>'
+    return f'<img src="{uri}" alt="{escape(alt)}">'
+
+
+def write_report(output_dir: Path) -> Path:
+    """Write OUTPUT_DIR/index.html for a finished run; returns its path."""
+    output_dir = Path(output_dir)
+    manifest = output_dir / outputs.MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: report on a finished run (after `merge` for an array)")
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    scores = {}
+    if (output_dir / "evaluation.csv").is_file():
+        with open(output_dir / "evaluation.csv", newline="", encoding="utf-8") as handle:
+            scores = {row["image_path"]: row for row in csv.DictReader(handle)}
+    root = read_run_config(output_dir).get("IMAGE_ROOT")
+    image_root = Path(root) if root else None
+
+    cards, films = [], {}
+    for order, row in enumerate(rows):
+        if row["source_image"] not in films:
+            films[row["source_image"]] = _data_uri(_film(image_root, row["source_image"]))
+        score = scores.get(row["image_path"])
+        kind = "" if score is None else ("hit" if float(score["hit"]) else "miss")
+        data = f' data-order="{order}"' + ("" if score is None else
+                                            f' data-energy="{escape(score["energy"])}" data-auroc="{escape(score["auroc"])}"')
+        metrics = "" if score is None else (
+            f'<div class="metrics">pointing game: {kind}; energy in boxes {float(score["energy"]):.3f} '
+            f'({float(score["energy_ratio"]):.2f}x uniform); IoU (Otsu) {float(score["iou_otsu"]):.3f}; '
+            f'AUROC {float(score["auroc"]):.3f}</div>')
+        warning = f'<div class="text"><span class="label">warning:</span> {escape(row["warning"])}</div>' \
+            if row.get("warning") else ""
+        raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
+        cards.append(
+            f'<div class="card {kind}"{data}>'
+            f'<div class="images">{_img(films[row["source_image"]], "film")}'
+            f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{_img(raw, "raw map")}</div>'
+            f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
+            f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'
+            f'<div class="text"><span class="label">prompt:</span> {escape(row["prompt"])} '
+            f'<span class="label">({escape(row["image_path"])})</span></div>{warning}{metrics}</div>')
+
+    summary = ""
+    if (output_dir / "evaluation.md").is_file():
+        hits = sum(1 for s in scores.values() if float(s["hit"]))
+        summary = f"<p>Evaluation: {hits} of {len(scores)} heatmaps hit a box (see evaluation.md).</p>"
+    buttons = ('<button onclick="show(\'all\')">all</button><button onclick="show(\'hit\')">hits</button>'
+               '<button onclick="show(\'miss\')">misses</button> sort: '
+               '<button onclick="sortBy(\'order\')">input order</button>'
+               '<button onclick="sortBy(\'energy\')">energy</button>'
+               '<button onclick="sortBy(\'auroc\')">AUROC</button>') if scores else ""
+    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>attention-map: {escape(output_dir.name)}</title>'
+            f'<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>'
+            f'<h1>{len(rows)} heatmaps on {len(films)} films</h1>{summary}<div class="bar">{buttons}</div>'
+            f'<div id="cards">{"".join(cards)}</div></body></html>\n')
+    path = output_dir / "index.html"
+    outputs.write_atomic(path, page.encode("utf-8"))
+    return path
