@@ -18,6 +18,7 @@ from scipy.stats import rankdata
 from skimage.filters import threshold_otsu
 
 from . import outputs
+from .records import DataFileError, q_id_of, read_items
 
 GEMEX_GRID = 224
 METRICS = ("hit", "energy", "energy_ratio", "iou_otsu", "dice_otsu", "iou_top", "dice_top", "auroc")
@@ -60,28 +61,16 @@ def read_truth(path: Path) -> dict:
                     continue       # a film listed without a box (e.g. "Normal")
                 truth.setdefault(row["image_path"], []).append(Boxes(((x, y, x + w, y + h),)))
         return truth
+    try:
+        items = read_items(path)
+    except DataFileError as error:
+        raise EvaluationError(str(error)) from None
     truth = {}
-    for index, item in enumerate(_json_items(path)):   # q_id defaults to the item's index, as in records.py
+    for index, (_, item) in enumerate(items):   # index: the q_id default, as for the run's records
         if isinstance(item, dict) and item.get("visual_locations"):
-            q_id = item.get("q_id")
-            q_id = str(index) if q_id is None or str(q_id).strip() == "" else str(q_id).strip()
-            key = (str(item.get("image_path", "")).strip(), q_id)
+            key = (str(item.get("image_path", "")).strip(), q_id_of(item, index))
             truth[key] = [Boxes((tuple(map(float, box)),), GEMEX_GRID) for box in item["visual_locations"]]
     return truth
-
-
-def _json_items(path: Path):
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    if text.lstrip().startswith("["):
-        yield from json.loads(text)
-        return
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except ValueError:
-            yield None      # still counts as an item, as it does for the run
 
 
 def heatmap_scores(heat: np.ndarray, boxes: np.ndarray, top_percent: float) -> dict[str, float]:
@@ -151,10 +140,10 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     """Score every heatmap of a finished run; writes evaluation.csv, evaluation.json and evaluation.md."""
     output_dir = Path(output_dir)
     manifest = output_dir / outputs.MANIFEST
-    if not manifest.is_file():
-        raise EvaluationError(f"{manifest} not found: evaluate a finished run (after `merge` for an array)")
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        rows = outputs.read_manifest(output_dir, "evaluate")
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from None
     if rows and not rows[0]["raw_map"]:
         raise EvaluationError(f"{manifest}: the run kept no raw maps; run it again with SAVE_RAW_CAM=true "
                               f"(RESUME makes only the missing files)")

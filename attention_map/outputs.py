@@ -138,6 +138,19 @@ def csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_manifest(output_dir: Path, purpose: str) -> list[dict[str, str]]:
+    """The rows of OUTPUT_DIR/vqa_manifest.csv; FileNotFoundError saying to `purpose` a finished run if absent."""
+    manifest = Path(output_dir) / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: {purpose} a finished run (after `merge` for an array)")
+    return read_csv(manifest)
+
+
 def errors_bytes(errors: list[tuple[str, str, str, str]]) -> bytes:
     """errors.csv: row (line in DATA_FILE), image_path, stage, one-line reason."""
     return csv_bytes(ERROR_COLUMNS, [list(e) for e in errors])

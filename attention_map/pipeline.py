@@ -207,8 +207,9 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     model = load_model(settings.MODEL, device, offline=settings.OFFLINE)
     cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
                                            resolve_autocast(settings.PRECISION, device), topk=settings.TOPK)
+    workers = resolve_workers(settings.WORKERS, device)
     log.info("model %s on %s, %s at %s, batch size %d, %d workers", settings.MODEL, device, cam.name,
-             cam.target_layer, cam.batch_size, resolve_workers(settings.WORKERS, device))
+             cam.target_layer, cam.batch_size, workers)
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
     settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -228,7 +229,6 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     times = StageTimes(torch.cuda.synchronize if device.type == "cuda" else None)
     cam.times = times
     heatmaps = Heatmaps(settings, model, cam, times)
-    workers = resolve_workers(settings.WORKERS, device)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="post") if workers else None
     pending: deque = deque()   # (film, jobs, future of Heatmaps.finish), in input order
     bar = tqdm(total=len(todo), unit="img", desc="heatmaps", dynamic_ncols=True)

@@ -51,6 +51,12 @@ def _as_text(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def q_id_of(item: dict, index: int) -> str:
+    """The item's q_id, or its position among the file's items when it has none."""
+    q_id = item.get("q_id")
+    return str(index) if q_id is None or str(q_id).strip() == "" else str(q_id).strip()
+
+
 def _from_mapping(item: dict, line: int, index: int) -> Record:
     """Build a Record from a JSON object or CSV row; raise ValueError(field, reason)."""
     image_path = item.get("image_path")
@@ -64,10 +70,8 @@ def _from_mapping(item: dict, line: int, index: int) -> Record:
         regions = json.loads(regions) if regions.strip().startswith("[") else [regions]
     if not isinstance(regions, (list, tuple)) or not all(isinstance(r, str) for r in regions):
         raise ValueError("visual_regions", "must be a list of region names")
-    q_id = item.get("q_id")
-    q_id = str(index) if q_id is None or str(q_id).strip() == "" else str(q_id).strip()
     return Record(line=line, image_path=image_path.strip(), question=question, answer=_as_text(item.get("answer")),
-                  q_id=q_id, row_id=_as_text(item.get("row_id")), prompt=_as_text(item.get("prompt")).strip(),
+                  q_id=q_id_of(item, index), row_id=_as_text(item.get("row_id")), prompt=_as_text(item.get("prompt")).strip(),
                   regions=tuple(regions), choices=_as_text(item.get("choices")) if item.get("choices") else "")
 
 
@@ -127,15 +131,14 @@ def _csv_rows(path: Path):
             line = reader.line_num
 
 
-def read_records(path: Path) -> tuple[list[Record], list[RecordError]]:
-    """All usable records of `path`, in file order, and the records that cannot be used.
-
-    Raises DataFileError when the file as a whole is unreadable (encoding, CSV header, JSON syntax of a list).
-    """
+def read_items(path: Path) -> list[tuple[int, object]]:
+    """(line, item) for every item of `path` in file order: a dict per CSV row or JSON object, a RecordError for a
+    JSONL line that is not JSON. Raises DataFileError when the file as a whole is unreadable (encoding, CSV header,
+    JSON syntax of a list)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".csv":
-            return _records_from_items(list(_csv_rows(path)), path)
+            return list(_csv_rows(path))
         if path.suffix.lower() == ".json":
             text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
             if text.lstrip().startswith("["):
@@ -143,10 +146,18 @@ def read_records(path: Path) -> tuple[list[Record], list[RecordError]]:
                     items = json.loads(text)
                 except json.JSONDecodeError as error:
                     raise DataFileError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-                return _records_from_items(list(enumerate(items, start=1)), path)
-        return _records_from_items(list(_json_lines(path)), path)
+                return list(enumerate(items, start=1))
+        return list(_json_lines(path))
     except UnicodeDecodeError as error:
         raise DataFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
+def read_records(path: Path) -> tuple[list[Record], list[RecordError]]:
+    """All usable records of `path`, in file order, and the records that cannot be used.
+
+    Raises DataFileError when the file as a whole is unreadable (see read_items).
+    """
+    return _records_from_items(read_items(path), Path(path))
 
 
 def prompts_of(record: Record, source: str) -> list[Prompt]:

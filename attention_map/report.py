@@ -4,7 +4,6 @@ so the file opens from disk without a server. Every text that comes from the dat
 from __future__ import annotations
 
 import base64
-import csv
 from html import escape
 from pathlib import Path
 
@@ -83,15 +82,10 @@ def _img(uri: str, alt: str) -> str:
 def write_report(output_dir: Path) -> Path:
     """Write OUTPUT_DIR/index.html for a finished run; returns its path."""
     output_dir = Path(output_dir)
-    manifest = output_dir / outputs.MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: report on a finished run (after `merge` for an array)")
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = outputs.read_manifest(output_dir, "report on")
     scores = {}
     if (output_dir / "evaluation.csv").is_file():
-        with open(output_dir / "evaluation.csv", newline="", encoding="utf-8") as handle:
-            scores = {row["image_path"]: row for row in csv.DictReader(handle)}
+        scores = {row["image_path"]: row for row in outputs.read_csv(output_dir / "evaluation.csv")}
     root = read_run_config(output_dir).get("IMAGE_ROOT")
     image_root = Path(root) if root else None
 

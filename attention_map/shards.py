@@ -9,7 +9,6 @@ file, so array tasks can share one OUTPUT_DIR.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shlex
@@ -129,7 +128,7 @@ class Progress:
 
     def open(self) -> None:
         """Start appending to this shard's file, keeping its whole lines (a kill may have cut the last one)."""
-        kept = [e for e in _read_journal(self.path)] if self.path.exists() else []
+        kept = _read_journal(self.path) if self.path.exists() else []
         outputs.write_atomic(self.path, b"".join(_line(e) for e in kept))
         self._handle = open(self.path, "ab")
 
@@ -172,11 +171,6 @@ def write_shard(output_dir: Path, shard: Shard, rows: dict[int, outputs.Manifest
     outputs.write_atomic(shard.path(output_dir, "manifest"), outputs.csv_bytes(header, body))
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 @dataclass
 class Merged:
     shards: int
@@ -201,8 +195,8 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
                               f"resubmit them, e.g. `sbatch --array={listed} submit_heatmap_gen.sh CONF`, then merge")
     rows, errors = [], []
     for shard in shards:
-        rows.extend(_read_csv(shard.path(output_dir, "manifest")))
-        errors.extend(tuple(e.values()) for e in _read_csv(shard.path(output_dir, "errors")))
+        rows.extend(outputs.read_csv(shard.path(output_dir, "manifest")))
+        errors.extend(tuple(e.values()) for e in outputs.read_csv(shard.path(output_dir, "errors")))
     rows.sort(key=lambda row: int(row["order"]))
     errors.sort(key=lambda e: (int(e[0]) if e[0].isdigit() else 0, e[1], e[2]))
     outputs.write_atomic(output_dir / outputs.MANIFEST,
