@@ -63,16 +63,16 @@ class Settings:
     # Model
     MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`)", "model")
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
-    PRECISION: str = _key("auto", "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16; autocast on cuda only",
-                          "choice", ("auto", "fp32", "bf16", "fp16"))
+    PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
+                          "bf16, fp16; all but fp32 on cuda only", "choice", ("auto", "fp32", "tf32", "bf16", "fp16"))
     # CAM
     CAM_METHOD: str = _key("gscorecam", "class-activation method", "choice", CAM_METHODS)
     TARGET_LAYER: str = _key("auto", "auto, or a dotted module path such as visual.trunk.blocks[-1].norm1")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
     BATCH_SIZE: int | None = _key(None, "masked images per forward pass (empty: 256 on cuda, 64 on cpu)", "int",
                                   low=1, optional=True)
-    WORKERS: int | None = _key(None, "film-decoding processes and post-processing threads working beside the model "
-                               "(empty: 4 on cuda, 0 on cpu)", "int", low=0, optional=True)
+    WORKERS: int | None = _key(None, "post-processing processes (and up to 4 film decoders) working beside the "
+                               "model (empty: the usable CPUs less one on cuda, 0 on cpu)", "int", low=0, optional=True)
     # Post-processing
     ENABLE_BODY_MASK: bool = _key(True, "zero the map outside the body (Otsu mask of the film)", "bool")
     SKIP_CRF: bool = _key(True, "false: refine the map with a dense CRF against the film", "bool")

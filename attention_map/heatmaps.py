@@ -1,10 +1,13 @@
-"""The heatmaps of one film: the model's part (CAM on the patch grid) and the CPU's part (body mask, CRF,
-colour map, PNGs), with failures named by the stage they happened in."""
+"""The heatmaps of one film: the model's part (CAM on the patch grid, in the main process) and the CPU's part
+(body mask, CRF, colour map, PNGs; `finish`, which may run in a worker process), with failures named by the stage
+they happened in.
+
+This module imports no torch, so worker processes that only run `finish` start fast and stay small.
+"""
 from __future__ import annotations
 
 import contextlib
-
-import torch
+import sys
 
 from . import outputs
 from .config import Settings
@@ -23,65 +26,81 @@ def truncation_warning(model, prompt: str) -> str:
     return f"prompt truncated to the model's {model.context_length} tokens ({tokens - model.context_length} dropped)"
 
 
-class Heatmaps:
-    """The heatmaps of one film: `explain` runs the model (the accelerator's part), `finish` post-processes and
-    writes them (CPU work, safe to run in a worker thread while the model explains the next film)."""
+def explain(model, cam, film, jobs: list[Job]) -> tuple[list, list[str]]:
+    """The film's maps on the patch grid, one per job, and each one's warnings so far (flat map, truncated prompt).
 
-    def __init__(self, settings: Settings, model, cam, times: StageTimes):
-        self.settings, self.model, self.cam, self.times = settings, model, cam, times
-        self.crf = CRFParams(settings.CRF_ITERATIONS, settings.CRF_TAU, settings.CRF_GAUSSIAN_SXY,
-                             settings.CRF_GAUSSIAN_COMPAT, settings.CRF_BILATERAL_SXY, settings.CRF_BILATERAL_SRGB,
-                             settings.CRF_BILATERAL_COMPAT)
+    Raises StageError("cam")."""
+    with _stage("cam"):
+        grid_maps = cam.explain(model.prepare(film), [job.prompt.text for job in jobs])
+    warnings = ["; ".join(w for w in (grid_map.warning, truncation_warning(model, job.prompt.text)) if w)
+                for job, grid_map in zip(jobs, grid_maps)]
+    return [grid_map.cam for grid_map in grid_maps], warnings
 
-    def explain(self, film, jobs: list[Job]):
-        with _stage("cam"):
-            return self.cam.explain(self.model.prepare(film), [job.prompt.text for job in jobs])
 
-    def finish(self, film, jobs: list[Job], grid_maps) -> list[tuple[Job, str, str]]:
-        """Body mask, CRF, colour map and PNGs; returns (job, raw map name, warning) per heatmap written.
+def crf_params(settings: Settings) -> CRFParams:
+    return CRFParams(settings.CRF_ITERATIONS, settings.CRF_TAU, settings.CRF_GAUSSIAN_SXY,
+                     settings.CRF_GAUSSIAN_COMPAT, settings.CRF_BILATERAL_SXY, settings.CRF_BILATERAL_SRGB,
+                     settings.CRF_BILATERAL_COMPAT)
 
-        Raises StageError naming the stage (post, write) that failed, with the heatmaps written before it."""
-        settings, times = self.settings, self.times
-        written = []
-        try:
-            with _stage("post"), times("body mask"):
-                mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
-            height, width = film.shape
-            for job, grid_map in zip(jobs, grid_maps):
-                warnings = [grid_map.warning, truncation_warning(self.model, job.prompt.text)]
-                with _stage("post"):
-                    with times("render"):
-                        heat = grid_to_image(grid_map.cam, (width, height))
-                    if mask is not None:
-                        with times("body mask"):
-                            heat, mask_warning = apply_mask(heat, mask)
-                        warnings.append(mask_warning)
-                    if not settings.SKIP_CRF and heat.max() > 0:
-                        with times("crf"):
-                            heat = crf_refine(film, heat, self.crf)
-                    with times("render"):
-                        image = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
-                with _stage("write"), times("png write"):
-                    raw_name = ""
-                    if settings.SAVE_RAW_CAM:
-                        raw_name = outputs.raw_map_name(job.overlay)
-                        outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
-                    outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
-                written.append((job, raw_name, "; ".join(w for w in warnings if w)))
-        except StageError as error:
-            error.written = written
-            raise
-        return written
+
+def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, warnings: list[str]):
+    """Body mask, CRF, colour map and PNGs of one film's maps.
+
+    Returns ((job, raw map name, warning) per heatmap written, seconds per stage). Raises StageError naming the
+    stage (post, write) that failed, with the heatmaps written before it. Arguments and results are plain data,
+    so this runs as well in a worker process as in the caller's."""
+    times, crf = StageTimes(), crf_params(settings)
+    written = []
+    try:
+        with _stage("post"), times("body mask"):
+            mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
+        height, width = film.shape
+        for job, grid_map, warning in zip(jobs, grid_maps, warnings):
+            notes = [warning]
+            with _stage("post"):
+                with times("render"):
+                    heat = grid_to_image(grid_map, (width, height))
+                if mask is not None:
+                    with times("body mask"):
+                        heat, mask_warning = apply_mask(heat, mask)
+                    notes.append(mask_warning)
+                if not settings.SKIP_CRF and heat.max() > 0:
+                    with times("crf"):
+                        heat = crf_refine(film, heat, crf)
+                with times("render"):
+                    image = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
+            with _stage("write"), times("png write"):
+                raw_name = ""
+                if settings.SAVE_RAW_CAM:
+                    raw_name = outputs.raw_map_name(job.overlay)
+                    outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
+                outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
+            written.append((job, raw_name, "; ".join(n for n in notes if n)))
+    except StageError as error:
+        error.written = written
+        raise
+    return written, times.ordered()
 
 
 class StageError(Exception):
-    def __init__(self, stage: str, error: BaseException):
-        self.stage = stage
+    """An item's failure and the stage it happened in (load, cam, post, write); picklable, so a worker process
+    can raise it to the run."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(stage, reason)
+        self.stage, self.reason = stage, reason
         self.written: list = []   # heatmaps of the film written before the failure
+
+    def __str__(self) -> str:
+        return self.reason
+
+    @classmethod
+    def of(cls, stage: str, error: BaseException) -> StageError:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch = sys.modules.get("torch")   # only a process that loaded torch can raise its out-of-memory error
+        if torch is not None and isinstance(error, torch.cuda.OutOfMemoryError):
             reason = "CUDA out of memory at BATCH_SIZE=1"
-        super().__init__(reason)
+        return cls(stage, reason)
 
 
 @contextlib.contextmanager
@@ -90,4 +109,4 @@ def _stage(name: str):
     try:
         yield
     except (ImageError, OSError, ValueError, RuntimeError) as error:
-        raise StageError(name, error) from error
+        raise StageError.of(name, error) from error

@@ -1,13 +1,16 @@
 """The run: plan the heatmaps, skip the finished ones, then films (decoded in workers) -> model -> CAM, with body
-mask / CRF / overlays written in threads beside it -> this shard's manifest (merged at once outside an array)."""
+mask / CRF / overlays written in worker processes beside it -> this shard's manifest (merged at once outside an
+array)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +20,8 @@ from tqdm import tqdm
 from . import outputs, shards
 from .cams import CAM_METHODS
 from .config import ConfigError, Settings
-from .heatmaps import Heatmaps, StageError
+from . import heatmaps
+from .heatmaps import StageError
 from .images import ImageError, load_film
 from .models import ModelLoadError, load_model
 from .plan import Job, manifest_row, plan_jobs
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 
 EXIT_ITEMS_FAILED = 3  # the run finished, but some records or images failed (see errors.csv)
 EXIT_STOPPED = 4       # FAIL_FAST=true and an item failed: the run stopped there
+DECODERS = 4           # at most this many film-decoding processes (DataLoader workers)
+CUDA_PRECISION = "tf32"  # PRECISION=auto on CUDA (docs/benchmarks.md: speed and fidelity of each)
 
 
 @dataclass
@@ -78,15 +84,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. Autocast is used on CUDA only."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic of the masked forwards: PRECISION, with auto = CUDA_PRECISION on CUDA and fp32 elsewhere."""
     if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
+        if precision not in ("auto", "fp32"):
             log.warning("PRECISION=%s applies on CUDA only; running fp32 on %s", precision, device)
-        return None
+        return "fp32"
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return CUDA_PRECISION
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        log.warning("PRECISION=bf16: this GPU has no bf16; running fp16")
+        return "fp16"
+    return precision
 
 
 def _check_earlier_run(settings: Settings) -> None:
@@ -99,11 +108,12 @@ def _check_earlier_run(settings: Settings) -> None:
 
 
 def resolve_workers(workers: int | None, device: torch.device) -> int:
-    """WORKERS, or by default 4 on CUDA (decoding and post-processing overlap the GPU's work) and 0 on the CPU
-    (where the model already uses every core and extra threads only compete with it)."""
+    """WORKERS, or by default on CUDA one per CPU this process may use but one (the one that drives the GPU),
+    since post-processing (the CRF above all) costs more CPU time per film than the GPU's part; on the CPU 0, where
+    the model already uses every core and extra processes only compete with it."""
     if workers is not None:
         return workers
-    return min(4, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
+    return max(1, len(os.sched_getaffinity(0)) - 1) if device.type == "cuda" else 0
 
 
 def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
@@ -137,11 +147,27 @@ def _films(settings: Settings, paths: list[str], workers: int):
     films = _Films(settings.IMAGE_ROOT, paths, settings.MAX_IMAGE_PIXELS)
     if workers == 0:
         return (films[i] for i in range(len(films)))
-    return iter(torch.utils.data.DataLoader(films, batch_size=None, num_workers=workers, prefetch_factor=2,
-                                            collate_fn=_as_is))
+    # Decoding a film costs far less than post-processing its maps: a few decoders keep up.
+    return iter(torch.utils.data.DataLoader(films, batch_size=None, num_workers=min(workers, DECODERS),
+                                            prefetch_factor=2, collate_fn=_as_is))
 
 
-def _submit(pool: ThreadPoolExecutor | None, function, *args) -> Future:
+def _post_pool(workers: int) -> Executor | None:
+    """Worker processes for the CPU part of each film. Processes, not threads: the dense CRF holds the GIL.
+    forkserver, not fork: this process has CUDA and loader threads that a forked child must not inherit."""
+    if not workers:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=_one_thread_each)
+
+
+def _one_thread_each() -> None:
+    """Each worker is one of many processes: OpenCV's own thread pool would only oversubscribe the cores."""
+    import cv2
+    cv2.setNumThreads(1)
+
+
+def _submit(pool: Executor | None, function, *args) -> Future:
     """pool.submit, or the same done at once when there is no pool."""
     if pool is not None:
         return pool.submit(function, *args)
@@ -206,10 +232,10 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
 
     model = load_model(settings.MODEL, device, offline=settings.OFFLINE)
     cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
-                                           resolve_autocast(settings.PRECISION, device), topk=settings.TOPK)
+                                           resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
     workers = resolve_workers(settings.WORKERS, device)
-    log.info("model %s on %s, %s at %s, batch size %d, %d workers", settings.MODEL, device, cam.name,
-             cam.target_layer, cam.batch_size, workers)
+    log.info("model %s on %s, %s at %s, batch size %d, %s masked forwards, %d workers", settings.MODEL, device,
+             cam.name, cam.target_layer, cam.batch_size, cam.precision, workers)
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
     settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -228,9 +254,8 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
 
     times = StageTimes(torch.cuda.synchronize if device.type == "cuda" else None)
     cam.times = times
-    heatmaps = Heatmaps(settings, model, cam, times)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="post") if workers else None
-    pending: deque = deque()   # (film, jobs, future of Heatmaps.finish), in input order
+    pool = _post_pool(workers)
+    pending: deque = deque()   # (film, jobs, future of heatmaps.finish), in input order
     bar = tqdm(total=len(todo), unit="img", desc="heatmaps", dynamic_ncols=True)
 
     def failed(image_path: str, jobs: list[Job], error: StageError) -> None:
@@ -249,11 +274,17 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         while pending and (wait_all or pending[0][2].done() or len(pending) > 2 * max(workers, 1)):
             image_path, jobs, future = pending.popleft()
             try:
-                for done in future.result():
+                done_list, seconds = future.result()
+                for done in done_list:
                     written(*done)
+                for stage, spent in seconds.items():
+                    times.add(stage, spent)
                 summary.images += 1
             except StageError as error:
                 failed(image_path, jobs, error)
+            except BrokenProcessPool:   # a worker was killed (out of memory?) or crashed: its films fail, not the run
+                failed(image_path, jobs, StageError("post", "the post-processing worker process died (killed, out of "
+                                                            "memory?); a rerun with RESUME=true makes this film"))
             bar.update(1)
             bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures)
 
@@ -264,13 +295,20 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
             image_path, jobs = paths[position], todo[paths[position]]
             try:
                 if load_error is not None:
-                    raise StageError("load", load_error)
-                grid_maps = heatmaps.explain(film, jobs)
+                    raise StageError.of("load", load_error)
+                grid_maps, warnings = heatmaps.explain(model, cam, film, jobs)
             except StageError as error:
                 failed(image_path, jobs, error)
                 bar.update(1)
             else:
-                pending.append((image_path, jobs, _submit(pool, heatmaps.finish, film, jobs, grid_maps)))
+                task = (heatmaps.finish, settings, film, jobs, grid_maps, warnings)
+                try:
+                    future = _submit(pool, *task)
+                except BrokenProcessPool:   # a worker died: the films in flight fail (see collect), a new pool goes on
+                    pool.shutdown(wait=False)
+                    pool = _post_pool(workers)
+                    future = _submit(pool, *task)
+                pending.append((image_path, jobs, future))
             collect(wait_all=False)
             if summary.stopped:
                 break

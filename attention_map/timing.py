@@ -1,6 +1,6 @@
 """Seconds spent per stage of a run (decode, gradient pass, masked forwards, body mask, CRF, render, PNG write).
 
-Stages that run in worker threads add up their own time, so the sum can exceed the wall-clock time: that overlap
+Stages that run in worker processes add up their own time, so the sum can exceed the wall-clock time: that overlap
 is the point of the workers.
 """
 from __future__ import annotations

@@ -114,20 +114,24 @@ def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, 
             for q, prompt in enumerate(prompts):
                 handle.write(json.dumps({"image_path": f"nih/{film_path.name}", "question": prompt, "answer": "",
                                          "q_id": q}) + "\n")
-    settings = Settings(DATA_FILE=records, IMAGE_ROOT=CXR, OUTPUT_DIR=out / "maps", MODEL=str(model_dir), WORKERS=workers,
+    settings = Settings(DATA_FILE=records, IMAGE_ROOT=films[0].parent.parent, OUTPUT_DIR=out / "maps", MODEL=str(model_dir), WORKERS=workers,
                         DEVICE=device_name, PRECISION=precision, TOPK=topk, SKIP_CRF=not crf_on, SAVE_RAW_CAM=True,
                         OVERWRITE=True)
     summary = run(settings)
     if summary.failures:
         raise SystemExit(f"the engine failed on {summary.failures} items: see {summary.errors_file}")
+    forwards = summary.images + summary.masked_forwards    # one gradient forward per film, then the masked ones
+    return dict(heatmaps=summary.heatmaps, seconds=summary.seconds, forwards=forwards, stages=summary.stage_seconds)
+
+
+def engine_maps(out: Path, films, prompts) -> dict:
+    """The engine's raw maps of `films`, read back from their 16-bit PNGs (after the run, outside its memory)."""
     maps = {}
     for film_path in films:
         for q in range(len(prompts)):
             raw = cv2.imread(str(out / "maps" / "nih" / f"{film_path.stem}_idx{q}_cam.png"), cv2.IMREAD_UNCHANGED)
             maps[(film_path.name, q)] = raw.astype(np.float64) / 65535.0
-    forwards = summary.images + summary.masked_forwards    # one gradient forward per film, then the masked ones
-    return dict(heatmaps=summary.heatmaps, seconds=summary.seconds, forwards=forwards,
-                stages=summary.stage_seconds), maps
+    return maps
 
 
 def _report(name, figures, peak_rss, gpu):
@@ -140,8 +144,25 @@ def _report(name, figures, peak_rss, gpu):
     return rate, per_heatmap
 
 
-def _max_difference(a: dict, b: dict) -> float:
-    return max(float(np.abs(a[key] - b[key]).max()) for key in a)
+def _differences(a: dict, b: dict) -> str:
+    """The largest |difference| per map, over the maps both runs made: max, 99th percentile, median, count > 1e-2."""
+    worst = np.array([float(np.abs(a[key] - b[key]).max()) for key in a if key in b])
+    return (f"max {worst.max():.2e}, 99th percentile {np.percentile(worst, 99):.2e}, median {np.median(worst):.2e}; "
+            f"{int((worst > 1e-2).sum())} of {len(worst)} maps differ by more than 1e-2")
+
+
+def _films(folder: Path, count: int, work: Path) -> list[Path]:
+    """`count` films from `folder`; when it holds fewer, links to them under new names (the same pixels, so a
+    long run reaches steady state on a small folder)."""
+    films = sorted(folder.glob("*.png"))
+    if count <= len(films):
+        return films[:count]
+    cycled = work / "cycled" / "nih"
+    cycled.mkdir(parents=True)
+    for number in range(count):
+        film = films[number % len(films)]
+        (cycled / f"r{number // len(films):03d}_{film.name}").symlink_to(film.resolve())
+    return sorted(cycled.iterdir())[:count]
 
 
 def memory_check(work: Path, workers: int | None) -> None:
@@ -175,7 +196,12 @@ def memory_check(work: Path, workers: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--films", type=int, default=1, help="real films from ../shared/data/cxr/nih (default 1)")
+    parser.add_argument("--films", type=int, default=1,
+                        help="real films from CXR/nih for the engine (default 1); more than the folder holds repeat")
+    parser.add_argument("--reference-films", type=int,
+                        help="the first this many of them for the reference, whose rate does not change with the "
+                             "count, and for the fp32 comparison (default: all)")
+    parser.add_argument("--cxr", type=Path, default=CXR, help=f"the data folder holding nih/ (default {CXR})")
     parser.add_argument("--prompts", type=int, default=5, help=f"prompts per film, at most {len(PROMPTS)}")
     parser.add_argument("--topk", type=int, default=300)
     parser.add_argument("--crf", choices=("off", "on"), default="off")
@@ -186,11 +212,14 @@ def main() -> None:
     parser.add_argument("--memory-check", action="store_true",
                         help="instead: peak RSS of a tiny-model run at 100 and at 1,000 heatmaps")
     parser.add_argument("--workers", type=int, help="WORKERS for the engine (default: the device's default)")
+    parser.add_argument("--compare-precisions", default="fp32,tf32,fp16,bf16",
+                        help="on CUDA, PRECISION values to run on the reference films and compare with fp32")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known GPUs)")
     args = parser.parse_args()
 
-    if not (CXR / "nih").is_dir():
-        raise SystemExit(f"real films not found at {CXR}/nih (the shared data folder sits beside the checkout)")
+    if not (args.cxr / "nih").is_dir():
+        raise SystemExit(f"real films not found at {args.cxr}/nih (the shared data folder sits beside the checkout; "
+                         "--cxr names another)")
     if not (args.model / "open_clip_config.json").is_file():
         from attention_map.models.random_models import make_test_model
         print(f"making a random-weight BiomedCLIP-architecture model in {args.model} ...", flush=True)
@@ -199,12 +228,14 @@ def main() -> None:
         memory_check(Path(tempfile.mkdtemp(prefix="attention-bench-memory-")), args.workers)
         return
     device = resolve_device(args.device)
-    films = sorted((CXR / "nih").glob("*.png"))[: args.films]
+    work = Path(tempfile.mkdtemp(prefix="attention-bench-"))
+    films = _films(args.cxr / "nih", args.films, work)
+    reference_films = films[: args.reference_films or len(films)]
     prompts = PROMPTS[: args.prompts]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"workload: {len(films)} films x {len(prompts)} prompts, k = {args.topk}, CRF {args.crf}, model {args.model}")
-    work = Path(tempfile.mkdtemp(prefix="attention-bench-"))
+    print(f"workload: {len(films)} films ({len(reference_films)} for the reference) x {len(prompts)} prompts, "
+          f"k = {args.topk}, CRF {args.crf}, model {args.model}")
 
     results = {}
     if not args.skip_reference:
@@ -212,26 +243,36 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as rss:
-            figures, reference_maps = reference_run(model, films, prompts, args.topk, args.crf == "on",
+            figures, reference_maps = reference_run(model, reference_films, prompts, args.topk, args.crf == "on",
                                                     work / "reference", device)
         results["a"] = _report("(a) reference, per prompt, fp32, batch 64", figures, rss.peak, _gpu_peak(device))
         del model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        figures, engine_maps = engine_run(args.model, films, prompts, args.topk, args.crf == "on", work / "engine",
-                                          args.device, workers=args.workers)
+        figures = engine_run(args.model, films, prompts, args.topk, args.crf == "on", work / "engine", args.device,
+                             workers=args.workers)
     results["b"] = _report("(b) engine, as a user runs it", figures, rss.peak, _gpu_peak(device))
+    maps = engine_maps(work / "engine", reference_films, prompts)
 
     if "a" in results:
-        print(f"max |map (a) - map (b)| = {_max_difference(reference_maps, engine_maps):.2e} "
+        print(f"|map (a) - map (b)|: {_differences(reference_maps, maps)} "
               f"(b's maps are read back from their 16-bit PNGs: quantisation step 1.5e-5)")
         print(f"ratio (a)/(b): image forwards per heatmap {results['a'][1] / results['b'][1]:.2f}x fewer; "
               f"heatmaps per second {results['b'][0] / results['a'][0]:.2f}x")
     if device.type == "cuda":
-        fp32_figures, fp32_maps = engine_run(args.model, films, prompts, args.topk, args.crf == "on",
-                                             work / "engine-fp32", args.device, precision="fp32", workers=args.workers)
-        print(f"bf16 autocast vs fp32 (engine): max |difference| of maps = {_max_difference(engine_maps, fp32_maps):.2e}")
+        # Each PRECISION on the reference films against the engine's fp32 maps: speed and fidelity side by side.
+        fp32_maps = None
+        for precision in ["fp32"] + [p for p in args.compare_precisions.split(",") if p and p != "fp32"]:
+            run_figures = engine_run(args.model, reference_films, prompts, args.topk, args.crf == "on",
+                                     work / f"engine-{precision}", args.device, precision=precision,
+                                     workers=args.workers)
+            run_maps = engine_maps(work / f"engine-{precision}", reference_films, prompts)
+            fp32_maps = fp32_maps or run_maps
+            against = (f"vs (a): {_differences(reference_maps, run_maps)}" if precision == "fp32" and "a" in results
+                       else f"vs engine fp32: {_differences(fp32_maps, run_maps)}")
+            print(f"engine PRECISION={precision}: {run_figures['heatmaps'] / run_figures['seconds']:.2f} heatmaps/s, "
+                  f"masked forwards {run_figures['stages'].get('masked forwards', 0):.1f} s; |difference| {against}")
         masked = figures["stages"].get("masked forwards", 0.0)
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         if masked and peak:

@@ -20,7 +20,7 @@ def reference_gscorecam(model, pixels, prompt, topk, size, batch_size=64, layer_
     def stage(name):
         return times(name) if times is not None else contextlib.nullcontext()
 
-    net, tokens = model.module, model.tokenizer([prompt])
+    net, tokens = model.module, model.tokenizer([prompt]).to(pixels.device)
     layer = model.find_module(layer_path or model.default_target_layer())
     store = {}
     handle = layer.register_forward_hook(lambda module, args, output: store.__setitem__("a", output))
@@ -52,10 +52,10 @@ def reference_gscorecam(model, pixels, prompt, topk, size, batch_size=64, layer_
             embedding = F.normalize(net.encode_image(pixels * masks), dim=-1)
             text = F.normalize(net.encode_text(tokens), dim=-1)
             scores.append(net.logit_scale.exp() * embedding @ text.T)
-    all_scores = torch.zeros(channels)
+    all_scores = torch.zeros(channels, device=pixels.device)
     all_scores[kept] = torch.nan_to_num(torch.cat(scores)[:, 0], nan=0.0)
     weights = torch.softmax(all_scores, dim=0)
-    cam = torch.relu((weights[:, None, None] * A).sum(dim=0)).numpy()
+    cam = torch.relu((weights[:, None, None] * A).sum(dim=0)).cpu().numpy()
     cam = cam - cam.min()
     cam = cam / (cam.max() + 1e-8)
     cam = cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)

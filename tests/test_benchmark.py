@@ -8,13 +8,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, cxr):
+    # 40 films from a folder of fewer repeat under new names; the reference runs on the first 2
     result = subprocess.run([sys.executable, "benchmarks/bench_gscorecam.py", "--model", str(tiny_model), "--topk", "8",
-                             "--prompts", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "--prompts", "3", "--films", "40", "--reference-films", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "(a) reference, per prompt" in out and "(b) engine, as a user runs it" in out
     assert out.count("seconds per stage: decode") == 2 and "masked forwards" in out and "png write" in out
-    difference = float(re.search(r"max \|map \(a\) - map \(b\)\| = ([0-9.e+-]+)", out).group(1))
-    assert difference <= 1e-4
+    assert "40 films (2 for the reference) x 3 prompts" in out
+    assert re.search(r"\(a\) reference.*: 6 heatmaps .*\n.*\n\(b\) engine.*: 120 heatmaps", out)
+    difference = re.search(r"\|map \(a\) - map \(b\)\|: max ([0-9.e+-]+), .* (\d+) of (\d+) maps differ", out)
+    assert float(difference.group(1)) <= 1e-4 and difference.group(2, 3) == ("0", "6")
     fewer = float(re.search(r"image forwards per heatmap ([0-9.]+)x fewer", out).group(1))
     assert fewer > 1.0     # three prompts share their masked forwards

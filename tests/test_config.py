@@ -67,3 +67,15 @@ def test_default_conf_in_the_repo_lists_every_key_with_its_default():
     assert key_table_markdown() in readme, "README's key table differs from config.key_table_markdown()"
     for name in Settings.__dataclass_fields__:
         assert f"`{name}`" in readme, f"README does not document {name}"
+
+
+def test_precision_auto_is_tf32_on_cuda_and_fp32_on_the_cpu(caplog):
+    import torch
+
+    from attention_map.pipeline import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda")) == "tf32"
+    assert resolve_precision("fp16", torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32" and not caplog.records
+    assert resolve_precision("tf32", torch.device("cpu")) == "fp32"
+    assert "PRECISION=tf32 applies on CUDA only" in caplog.text

@@ -100,3 +100,30 @@ def test_cuda_out_of_memory_halves_the_batch_and_gives_the_same_maps(tiny_model,
     model.encode_image = lambda pixels: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(torch.cuda.OutOfMemoryError):   # at batch size 1 the item fails (the run reports it)
         GScoreCAM(model, topk=16, batch_size=1).explain(film, PROMPTS)
+
+
+def test_low_precision_reaches_the_masked_forwards_only(tiny_model, cxr):
+    """PRECISION rounds the masked forwards; the gradient pass, whose activations the map sums, stays fp32.
+    (bf16 autocast runs on the CPU too, so this is checked without a GPU.)"""
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    pixels = model.prepare(load_film(cxr / "nih" / "00000001_000.png"))
+    exact, rounded = GScoreCAM(model, topk=8), GScoreCAM(model, topk=8, precision="bf16")
+    text = exact.text_embeddings(PROMPTS)
+    assert torch.equal(rounded.text_embeddings(PROMPTS), text)
+    for got, expected in zip(rounded.activations_and_gradients(pixels, text),
+                             exact.activations_and_gradients(pixels, text)):
+        assert torch.equal(got, expected)
+    activations = exact.activations_and_gradients(pixels, text)[0]
+    channels = torch.arange(8)
+    fp32, bf16 = (cam.masked_embeddings(pixels, activations, channels) for cam in (exact, rounded))
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.05)
+
+
+def test_tf32_sets_the_matmul_precision_inside_the_masked_forwards_only(tiny_model):
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    cam = GScoreCAM(model, topk=8, precision="tf32")
+    before = torch.get_float32_matmul_precision()
+    seen = []
+    cam.forward_in_batches(2, lambda start, stop: seen.append(torch.get_float32_matmul_precision())
+                           or torch.zeros(stop - start, 3, *model.image_size))
+    assert seen == ["high"] and torch.get_float32_matmul_precision() == before

@@ -1,5 +1,6 @@
 """Bad inputs, resume, overwrite and fail-fast: one bad item never costs the batch, and reruns redo only what is missing."""
 import csv
+import dataclasses
 import hashlib
 import json
 import struct
@@ -253,3 +254,51 @@ def test_worker_threads_and_processes_give_the_same_outputs_as_none(tmp_path, ti
         digests.pop("run_config.conf")
         results[workers] = digests
     assert results[0] == results[2]
+
+
+def _finish_or_die(settings, film, jobs, *rest):
+    """heatmaps.finish, except that the worker process dies on film 001, as one killed for memory would."""
+    import os
+
+    from attention_map import heatmaps
+
+    if "synthetic_001" in jobs[0].overlay:
+        os._exit(9)
+    return heatmaps.finish(settings, film, jobs, *rest)
+
+
+def test_a_dead_worker_process_fails_its_films_not_the_run(tmp_path, tiny_model, monkeypatch):
+    from attention_map import pipeline
+    from attention_map.config import Settings
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=6, size=96)
+    settings = Settings(DATA_FILE=data, IMAGE_ROOT=data.parent, MODEL=str(tiny_model), OUTPUT_DIR=tmp_path / "out",
+                        WORKERS=2)
+    # the workers import this module to find the function, and attention_map.heatmaps unpatched
+    monkeypatch.setattr(pipeline.heatmaps, "finish", _finish_or_die)
+    summary = pipeline.run(settings)
+    assert summary.exit_status == 3 and summary.heatmaps + summary.failures == 6
+    reasons = {row[1]: row[3] for row in summary.errors}
+    assert "films/synthetic_001.png" in reasons
+    assert all("post-processing worker process died" in reason for reason in reasons.values())
+    assert summary.heatmaps >= 1    # films after the death went to a new pool
+    monkeypatch.undo()
+    again = pipeline.run(dataclasses.replace(settings, RESUME=True))
+    assert again.exit_status == 0 and again.skipped == summary.heatmaps and again.heatmaps == summary.failures
+    assert len(read_manifest(tmp_path / "out")) == 6
+
+
+def test_a_write_failure_in_a_worker_process_names_the_stage(tmp_path, tiny_model):
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=4, size=96)
+    out = tmp_path / "out"
+    (out / "films" / "synthetic_002_idx0.png").mkdir(parents=True)   # the overlay cannot be written there
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "WORKERS=2",
+                 "RESUME=true")
+    assert result.returncode == 3, result.stderr
+    with open(out / "errors.csv", newline="") as handle:
+        errors = list(csv.DictReader(handle))
+    assert [(e["image_path"], e["stage"]) for e in errors] == [("films/synthetic_002.png", "write")]
+    assert len(read_manifest(out)) == 3

@@ -30,12 +30,12 @@ class BaseCAM(ABC):
     name = "base"
 
     def __init__(self, model: VisionTextModel, target_layer: str = "auto", batch_size: int = 64,
-                 autocast_dtype: torch.dtype | None = None):
+                 precision: str = "fp32"):
         self.model = model
         self.target_layer = model.default_target_layer() if target_layer == "auto" else target_layer
         self.layer = model.find_module(self.target_layer)
         self.batch_size = batch_size
-        self.autocast_dtype = autocast_dtype
+        self.precision = precision   # of the masked forwards: fp32, tf32, bf16 or fp16 (the last three on CUDA)
         self._text_cache: dict[str, torch.Tensor] = {}
         self.masked_forwards = 0   # image forwards made on masked inputs, for the run's summary
         self.times = StageTimes()  # the run replaces it with its own, to report seconds per stage
@@ -51,7 +51,7 @@ class BaseCAM(ABC):
         while start < count:
             stop = min(start + self.batch_size, count)
             try:
-                with self.autocast():
+                with self.fast_math():
                     embeddings.append(self.model.encode_image(make_batch(start, stop)).float())
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
@@ -66,20 +66,24 @@ class BaseCAM(ABC):
             start = stop
         return torch.cat(embeddings)
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype)
+    def fast_math(self):
+        """The masked forwards' arithmetic: bf16/fp16 autocast, or fp32 matrix products on TF32 tensor cores."""
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.model.device.type, dtype=dtype)
+        if self.precision == "tf32":
+            return _matmul_precision("high")
+        return contextlib.nullcontext()
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """(Q, D) embeddings; each distinct prompt is encoded once for the whole run.
+        """(Q, D) embeddings in fp32; each distinct prompt is encoded once for the whole run.
 
         Prompts are encoded one at a time: an embedding then does not depend on which other prompts shared its
         batch, so a resumed run reproduces an uninterrupted one bit for bit. Text is cheap next to k image forwards.
         """
         for prompt in dict.fromkeys(prompts):
             if prompt not in self._text_cache:
-                with torch.inference_mode(), self.autocast():
+                with torch.inference_mode():
                     self._text_cache[prompt] = self.model.encode_text([prompt]).float()[0]
         return torch.stack([self._text_cache[p] for p in prompts])
 
@@ -94,11 +98,13 @@ class BaseCAM(ABC):
             handle.remove()
 
     def activations_and_gradients(self, pixels: torch.Tensor, text: torch.Tensor):
-        """One forward of the image and one backward per prompt of the scaled cosine score.
+        """One forward of the image and one backward per prompt of the scaled cosine score, in fp32 always.
 
-        Returns the activations (C, h, w) and the gradients (Q, C, h, w) on the patch grid, in fp32.
+        Returns the activations (C, h, w) and the gradients (Q, C, h, w) on the patch grid. The map is a sum of these
+        activations, which can nearly cancel, so they are not autocast: one forward per film is cheap next to the
+        masked forwards, which are.
         """
-        with self._capture() as store, torch.enable_grad(), self.autocast():
+        with self._capture() as store, torch.enable_grad():
             image = self.model.encode_image(pixels.detach().clone().requires_grad_(True))
             scores = self.model.logit_scale * image.float() @ text.T        # (1, Q)
             output = store["out"]
@@ -121,3 +127,14 @@ class BaseCAM(ABC):
     @abstractmethod
     def explain_grid(self, pixels: torch.Tensor, prompts: list[str]) -> list[torch.Tensor]:
         """ReLU'd maps (h, w) on the patch grid, one per prompt."""
+
+
+@contextlib.contextmanager
+def _matmul_precision(level: str):
+    """torch's float32 matmul precision ("high": TF32) inside the block, restored after it."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

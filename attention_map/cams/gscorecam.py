@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 class GScoreCAM(BaseCAM):
     name = "gscorecam"
 
-    def __init__(self, model, target_layer="auto", batch_size=64, autocast_dtype=None, topk: int = 300):
-        super().__init__(model, target_layer, batch_size, autocast_dtype)
+    def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int = 300):
+        super().__init__(model, target_layer, batch_size, precision)
         self.topk = topk
 
     def channel_masks(self, activations: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
