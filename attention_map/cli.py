@@ -1,4 +1,5 @@
-"""Command line: run | merge | evaluate | report | fetch-model | make-test-model | make-demo-data | default-conf.
+"""Command line: run | merge | evaluate | report | fetch-model | make-test-model | train-toy-model | make-demo-data |
+default-conf.
 
 Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
 some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
@@ -50,9 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--arch", choices=("biomedclip", "tiny"), default="tiny")
     make.add_argument("--seed", type=int, default=0)
 
-    demo = commands.add_parser("make-demo-data", help="write synthetic chest films and records for the demo")
+    toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "
+                                                      "then print what its maps show on held-out films")
+    toy.add_argument("folder", type=Path)
+    toy.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/toy.py)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--check-films", type=int, default=60, help="held-out films to check it on (0: none)")
+    toy.add_argument("--force", action="store_true", help="train even if FOLDER holds a model of this recipe")
+
+    demo = commands.add_parser("make-demo-data", help="write synthetic chest films, records (GEMeX fields) and "
+                                                      "boxes.csv for the demo")
     demo.add_argument("folder", type=Path)
-    demo.add_argument("--count", type=int, default=4)
+    demo.add_argument("--count", type=int, default=24)
 
     commands.add_parser("default-conf", help="print configs/default.conf (every key with its default)")
     return parser
@@ -62,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # open_clip logs its routine steps on the root logger: quiet the root and the libraries, not this package
     for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "root", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("attention_map")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
 
     if args.command == "default-conf":
         sys.stdout.write(default_conf_text())
@@ -79,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = make_test_model(args.folder, args.arch, args.seed)
         log.info("wrote a random-weight %s model to %s (use MODEL=%s)", args.arch, folder, folder)
+        return 0
+    if args.command == "train-toy-model":
+        from .models.toy import STEPS, check_toy_model, is_current, train_toy_model
+
+        steps = args.steps or STEPS
+        if not args.force and is_current(args.folder, steps, args.seed):
+            log.info("%s already holds the toy model of this recipe and code (--force trains it again)", args.folder)
+            return 0
+        folder = train_toy_model(args.folder, steps, args.seed)
+        log.info("wrote the toy model to %s (use MODEL=%s)", folder, folder)
+        if args.check_films:
+            figures = check_toy_model(folder, args.check_films)
+            print(f"On {args.check_films} held-out synthetic films: " + ", ".join(
+                f"{name} {value:.2f}" for name, value in figures.items()))
         return 0
     if args.command == "fetch-model":
         from .models.fetch import fetch_model

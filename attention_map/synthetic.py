@@ -1,11 +1,14 @@
-"""Synthetic chest-like films for the bundled demo and the README picture: deterministic by seed.
+"""Synthetic chest-like films with lesions at known places, and captions that name them: deterministic by seed.
 
-A body with two dark lung fields, a spine, a heart shadow, ribs, a burned-in side letter and "PORTABLE" label in
-the corners, and one round lesion at a known place named in the record's question.
+A body with two dark lung fields, a spine, a heart shadow, ribs, a burned-in side letter and "PORTABLE" label in the
+corners, and lesions of three kinds: a nodule (small, round, sharp), an opacity (larger, soft) and a pleural
+effusion (fluid filling a lung's base under a meniscus). Each lesion has a side, a zone and a box in pixels, and a
+caption such as "nodule in the left upper lung". Sides are the patient's: the patient's left is the image's right.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -13,47 +16,138 @@ import numpy as np
 
 from .outputs import write_png
 
-LESION_PLACES = {"left upper lung": (0.68, 0.35), "left lower lung": (0.68, 0.6),
-                 "right upper lung": (0.32, 0.35), "right lower lung": (0.32, 0.6)}
+KINDS = ("nodule", "opacity", "effusion")
+SIDES = ("right", "left")             # the patient's: right is the image's left half
+ZONES = ("upper", "lower")
+LUNG_X = {"right": 0.32, "left": 0.68}   # lung centres, as fractions of the width
+ZONE_Y = {"upper": 0.35, "lower": 0.58}  # lesion centres, as fractions of the height
+LUNG_TOP, LUNG_BOTTOM, LUNG_HALF_WIDTH = 0.20, 0.74, 0.13
+LESION_PLACES = {f"{side} {zone} lung": (LUNG_X[side], ZONE_Y[zone]) for side in SIDES for zone in ZONES}
+
+
+@dataclass(frozen=True)
+class Lesion:
+    kind: str
+    side: str
+    zone: str
+    box: tuple[int, int, int, int]   # x, y, width, height in pixels of the film
+
+    @property
+    def caption(self) -> str:
+        if self.kind == "effusion":
+            return f"effusion at the {self.side} lung base"
+        return f"{self.kind} in the {self.side} {self.zone} lung"
+
+    @property
+    def question(self) -> str:
+        return question(self.caption)
+
+    @property
+    def place(self) -> str:
+        return f"{self.side} {self.zone} lung"
+
+
+def captions() -> list[str]:
+    """Every caption the generator writes, in a fixed order (10: nodule and opacity in 4 places, effusion on 2 sides)."""
+    return [Lesion(kind, side, zone, (0, 0, 0, 0)).caption for kind in KINDS for side in SIDES for zone in ZONES
+            if kind != "effusion" or zone == "lower"]
+
+
+def question(caption: str) -> str:
+    """A caption as a VQA question: "Is there a nodule in the left upper lung?"."""
+    return f"Is there {'an' if caption[0] in 'aeiou' else 'a'} {caption}?"
+
+
+def _anatomy(size: int) -> np.ndarray:
+    s, film = size, np.zeros((size, size), np.float32)
+    cv2.ellipse(film, (s // 2, int(0.62 * s)), (int(0.42 * s), int(0.55 * s)), 0, 0, 360, 0.55, -1)   # body
+    for side in SIDES:                                                                                  # lungs
+        cv2.ellipse(film, (int(LUNG_X[side] * s), int(0.47 * s)), (int(LUNG_HALF_WIDTH * s), int(0.27 * s)),
+                    0, 0, 360, 0.2, -1)
+    for y in np.linspace(0.25, 0.7, 7):                                                                 # ribs
+        for sign in (-1, 1):
+            cv2.ellipse(film, (s // 2, int(y * s)), (int(0.3 * s), int(0.05 * s)), 0, 90 - sign * 90 + 10 * sign,
+                        90 - sign * 90 + 70 * sign, 0.45, max(1, s // 96))
+    cv2.ellipse(film, (int(0.55 * s), int(0.6 * s)), (int(0.12 * s), int(0.1 * s)), 0, 0, 360, 0.6, -1)  # heart
+    cv2.rectangle(film, (int(0.47 * s), int(0.1 * s)), (int(0.53 * s), s), 0.75, -1)                   # spine
+    return film
+
+
+def _draw_lesion(film: np.ndarray, kind: str, side: str, zone: str, rng: np.random.Generator) -> Lesion:
+    s = film.shape[0]
+    cx = LUNG_X[side] + rng.uniform(-0.03, 0.03)
+    if kind == "effusion":
+        top = LUNG_BOTTOM - rng.uniform(0.16, 0.2)      # the meniscus
+        fluid = np.zeros_like(film)
+        cv2.ellipse(fluid, (int(LUNG_X[side] * s), int(0.47 * s)), (int(LUNG_HALF_WIDTH * s), int(0.27 * s)),
+                    0, 0, 360, 1.0, -1)
+        fluid[: int(top * s)] = 0
+        film[:] = np.where(fluid > 0, 0.62, film)
+        ys, xs = np.nonzero(fluid)
+        return Lesion(kind, side, "lower", (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1))
+    cy = ZONE_Y[zone] + rng.uniform(-0.03, 0.03)
+    radius = (0.055 if kind == "nodule" else 0.085) * s * rng.uniform(0.9, 1.1)
+    spot = np.zeros_like(film)
+    cv2.circle(spot, (int(cx * s), int(cy * s)), int(radius), 1.0, -1)
+    if kind == "opacity":                                # soft edges, less dense
+        spot = cv2.GaussianBlur(spot, (0, 0), radius / 3)
+        film[:] = np.where(spot > 0.01, np.maximum(film, 0.2 + 0.45 * spot), film)
+    else:
+        film[:] = np.where(spot > 0, 0.75, film)
+    r = int(round(radius))
+    return Lesion(kind, side, zone, (int(cx * s) - r, int(cy * s) - r, 2 * r + 1, 2 * r + 1))
+
+
+def make_chest(seed: int, size: int = 384, kind: str | None = None, sides: tuple[str, ...] | None = None,
+               zone: str | None = None) -> tuple[np.ndarray, list[Lesion]]:
+    """A (size, size) float32 film in [0, 1] and its lesions: one, of a kind, side and zone drawn from the seed,
+    unless given; `sides=("right", "left")` puts one lesion of the same kind and zone in each lung."""
+    rng = np.random.default_rng(seed)
+    kind = kind or KINDS[rng.integers(len(KINDS))]
+    sides = sides or (SIDES[rng.integers(len(SIDES))],)
+    zone = "lower" if kind == "effusion" else zone or ZONES[rng.integers(len(ZONES))]
+    film = _anatomy(size)
+    lesions = [_draw_lesion(film, kind, side, zone, rng) for side in sides]
+    film = cv2.GaussianBlur(film, (0, 0), size / 128) + rng.normal(0, 0.02, film.shape).astype(np.float32)
+    letters = np.zeros((size, size), np.uint8)   # OpenCV draws text on 8-bit images only
+    cv2.putText(letters, "L", (int(0.9 * size), int(0.08 * size)), cv2.FONT_HERSHEY_SIMPLEX, size / 256, 255,
+                max(1, size // 128))
+    cv2.putText(letters, "PORTABLE", (int(0.02 * size), int(0.06 * size)), cv2.FONT_HERSHEY_SIMPLEX, size / 640, 255,
+                max(1, size // 256))
+    return np.clip(np.maximum(film, letters / 255.0), 0, 1).astype(np.float32), lesions
+
+
+def corner_boxes(size: int) -> list[tuple[int, int, int, int]]:
+    """Boxes (x, y, w, h) around the burned-in side letter and label, which a map should leave cold."""
+    return [(int(0.88 * size), 0, size - int(0.88 * size), int(0.11 * size)), (0, 0, int(0.36 * size), int(0.09 * size))]
 
 
 def make_film(seed: int, size: int = 384) -> tuple[np.ndarray, str]:
-    """A (size, size) float32 film in [0, 1] and the place of its lesion (patient's left is the image's right)."""
-    rng = np.random.default_rng(seed)
-    film = np.zeros((size, size), np.float32)
-    s = size
-    cv2.ellipse(film, (s // 2, int(0.62 * s)), (int(0.42 * s), int(0.55 * s)), 0, 0, 360, 0.55, -1)   # body
-    for cx in (0.32, 0.68):                                                                              # lungs
-        cv2.ellipse(film, (int(cx * s), int(0.47 * s)), (int(0.13 * s), int(0.27 * s)), 0, 0, 360, 0.2, -1)
-    for y in np.linspace(0.25, 0.7, 7):                                                                   # ribs
-        for side in (-1, 1):
-            cv2.ellipse(film, (s // 2, int(y * s)), (int(0.3 * s), int(0.05 * s)), 0, 90 - side * 90 + 10 * side,
-                        90 - side * 90 + 70 * side, 0.45, max(1, s // 96))
-    cv2.ellipse(film, (int(0.55 * s), int(0.6 * s)), (int(0.12 * s), int(0.1 * s)), 0, 0, 360, 0.6, -1)   # heart
-    cv2.rectangle(film, (int(0.47 * s), int(0.1 * s)), (int(0.53 * s), s), 0.75, -1)                    # spine
-    place = list(LESION_PLACES)[seed % len(LESION_PLACES)]
-    lx, ly = LESION_PLACES[place]
-    jitter = rng.normal(0, 0.02, 2)
-    cv2.circle(film, (int((lx + jitter[0]) * s), int((ly + jitter[1]) * s)), int(0.05 * s), 0.7, -1)     # lesion
-    film = cv2.GaussianBlur(film, (0, 0), s / 128) + rng.normal(0, 0.02, film.shape).astype(np.float32)
-    letters = np.zeros((s, s), np.uint8)   # OpenCV draws text on 8-bit images only
-    cv2.putText(letters, "L", (int(0.9 * s), int(0.08 * s)), cv2.FONT_HERSHEY_SIMPLEX, s / 256, 255, max(1, s // 128))
-    cv2.putText(letters, "PORTABLE", (int(0.02 * s), int(0.06 * s)), cv2.FONT_HERSHEY_SIMPLEX, s / 640, 255,
-                max(1, s // 256))
-    return np.clip(np.maximum(film, letters / 255.0), 0, 1).astype(np.float32), place
+    """A film with one nodule, and its place ("left upper lung"): the places cycle with the seed."""
+    side, zone = [(side, zone) for side in SIDES for zone in ZONES][seed % 4]
+    film, lesions = make_chest(seed, size, kind="nodule", sides=(side,), zone=zone)
+    return film, lesions[0].place
 
 
-def write_demo_data(folder: Path, count: int = 4, size: int = 384) -> Path:
-    """`count` films under folder/films and folder/records.jsonl (GEMeX fields); returns the records file."""
+def write_demo_data(folder: Path, count: int = 24, size: int = 384, first_seed: int = 0) -> Path:
+    """`count` films under folder/films, folder/records.jsonl (GEMeX fields: a question naming the lesion's kind
+    and place, `visual_locations` with its box on the 224 grid) and folder/boxes.csv (the boxes in pixels);
+    returns the records file."""
     folder = Path(folder)
-    lines = []
-    for seed in range(count):
-        film, place = make_film(seed, size)
+    lines, boxes = [], ["image_path,x,y,w,h,label"]
+    for seed in range(first_seed, first_seed + count):
+        film, lesions = make_chest(seed, size)
         name = f"films/synthetic_{seed:03d}.png"
         write_png(folder / name, np.round(film * 255).astype(np.uint8))
-        lines.append(json.dumps({"question": f"Is there a nodule in the {place}?", "answer": "Yes.",
-                                 "type": "location", "visual_regions": [place, "heart"],
-                                 "image_path": name, "q_id": 0, "row_id": f"row_{seed}"}))
+        lesion = lesions[0]
+        x, y, w, h = lesion.box
+        grid = [round(v * 224 / size) for v in (x, y, x + w, y + h)]
+        lines.append(json.dumps({"question": lesion.question, "answer": "Yes.",
+                                 "type": "location", "visual_regions": [lesion.caption],
+                                 "visual_locations": [grid], "image_path": name, "q_id": 0,
+                                 "row_id": f"row_{seed}"}))
+        boxes.append(f"{name},{x},{y},{w},{h},{lesion.kind}")
     records = folder / "records.jsonl"
     records.write_text("\n".join(lines) + "\n")
+    (folder / "boxes.csv").write_text("\n".join(boxes) + "\n")
     return records

@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", type=Path, default=REPO / "results" / "models" / "bench-biomedclip",
                         help="model folder (made with random BiomedCLIP weights if missing)")
+    parser.add_argument("--work", type=Path, help="folder for the outputs (default: a new temporary folder)")
     parser.add_argument("--skip-reference", action="store_true", help="time the engine only")
     parser.add_argument("--memory-check", action="store_true",
                         help="instead: peak RSS of a tiny-model run at 100 and at 1,000 heatmaps")
@@ -225,10 +226,10 @@ def main() -> None:
         print(f"making a random-weight BiomedCLIP-architecture model in {args.model} ...", flush=True)
         make_test_model(args.model, "biomedclip", seed=0)
     if args.memory_check:
-        memory_check(Path(tempfile.mkdtemp(prefix="attention-bench-memory-")), args.workers)
+        memory_check(args.work or Path(tempfile.mkdtemp(prefix="attention-bench-memory-")), args.workers)
         return
     device = resolve_device(args.device)
-    work = Path(tempfile.mkdtemp(prefix="attention-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="attention-bench-"))
     films = _films(args.cxr / "nih", args.films, work)
     reference_films = films[: args.reference_films or len(films)]
     prompts = PROMPTS[: args.prompts]

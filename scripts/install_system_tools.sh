@@ -11,4 +11,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends slurm-wlm munge docker.io debootstrap shellcheck chromium > /dev/null
+apt-get clean     # the downloaded packages: the Docker image test needs the disk
 echo "installed: slurm-wlm munge docker.io debootstrap shellcheck chromium"

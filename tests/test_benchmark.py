@@ -7,10 +7,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, cxr):
+def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, cxr, tmp_path):
     # 40 films from a folder of fewer repeat under new names; the reference runs on the first 2
     result = subprocess.run([sys.executable, "benchmarks/bench_gscorecam.py", "--model", str(tiny_model), "--topk", "8",
-                             "--prompts", "3", "--films", "40", "--reference-films", "2"],
+                             "--prompts", "3", "--films", "40", "--reference-films", "2",
+                             "--work", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout

@@ -35,6 +35,9 @@ def test_run_on_gemex_records_writes_one_overlay_per_manifest_row(tmp_path, tiny
                  f"OUTPUT_DIR={out}", "PROMPT_SOURCE=both", "SAVE_RAW_CAM=true")
     assert result.returncode == 0, result.stderr
     assert "Done: 20 images, 47 heatmaps written, 0 failed" in result.stdout
+    # the plan and the model line reach the log; open_clip's own routine lines do not
+    assert "47 heatmaps on 20 images planned" in result.stderr and " masked forwards, " in result.stderr
+    assert "Attempting to load config" not in result.stderr
     rows = read_manifest(out)
     assert len(rows) == 47 and list(rows[0])[:3] == ["image_path", "question", "answer"]
     assert rows[0]["image_path"] == "nih/00000820_000_idx0.png"

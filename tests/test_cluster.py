@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -108,30 +109,46 @@ def docker_image(tmp_path_factory):
     _require("dockerd", "docker", "debootstrap")
     folder = tmp_path_factory.mktemp("docker")
     engine = LocalDocker(folder).start()
-    base = "attention-map-test-base:bookworm"
-    if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode != 0:
-        rootfs = folder / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                        "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True, capture_output=True)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "import", "-", base], stdin=tar.stdout, check=True, capture_output=True)
-        tar.wait()
-    build_args, server = _local_package_index()
-    host_ca = Path(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt")
-    context_ca = REPO / "docker" / "certs" / "test-host.crt"     # pip in the build trusts what pip here trusts
-    if host_ca.is_file():
-        context_ca.write_bytes(host_ca.read_bytes())
     try:
-        build = subprocess.run(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
-                                "--build-arg", f"BASE_IMAGE={base}", *build_args, "-t", "attention-map:test", "."],
-                               cwd=REPO, capture_output=True, text=True, timeout=1800)
+        base = "attention-map-test-base:bookworm"
+        if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode != 0:
+            rootfs = folder / "rootfs"
+            subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                            "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True, capture_output=True)
+            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+            subprocess.run(["docker", "import", "-", base], stdin=tar.stdout, check=True, capture_output=True)
+            tar.wait()
+            shutil.rmtree(rootfs)
+        build_args, server = _local_package_index()
+        host_ca = Path(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+                       or "/etc/ssl/certs/ca-certificates.crt")
+        context_ca = REPO / "docker" / "certs" / "test-host.crt"     # pip in the build trusts what pip here trusts
+        if host_ca.is_file():
+            context_ca.write_bytes(host_ca.read_bytes())
+        try:
+            build = subprocess.run(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
+                                    "--build-arg", f"BASE_IMAGE={base}", *build_args, "-t", "attention-map:test", "."],
+                                   cwd=REPO, capture_output=True, text=True, timeout=1800)
+        finally:
+            context_ca.unlink(missing_ok=True)
+            if server is not None:
+                server.terminate()
+        # The compiler stage is not needed once built: its layers go at once, the image after the tests, so that
+        # the tests after these find the disk as they left it (the image holds the CUDA PyTorch stack, GBs).
+        subprocess.run(["docker", "builder", "prune", "--all", "--force"], capture_output=True)
+        subprocess.run(["docker", "image", "prune", "--force"], capture_output=True)
+        free = shutil.disk_usage(_docker_root()).free / 2**30
+        assert build.returncode == 0, f"{free:.1f} GiB free now\n" + build.stdout[-3000:] + build.stderr[-3000:]
+        yield "attention-map:test"
     finally:
-        context_ca.unlink(missing_ok=True)
-        if server is not None:
-            server.terminate()
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    yield "attention-map:test"
-    engine.stop()
+        subprocess.run(["docker", "image", "rm", "--force", "attention-map:test"], capture_output=True)
+        subprocess.run(["docker", "system", "prune", "--force"], capture_output=True)
+        engine.stop()
+
+
+def _docker_root() -> str:
+    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"], capture_output=True, text=True)
+    return root.stdout.strip() or "/"
 
 
 def _local_package_index():
@@ -152,7 +169,6 @@ def _local_package_index():
 
 def test_the_pipeline_runs_in_docker_offline_and_outputs_belong_to_the_user(tmp_path, docker_image, tiny_model, cxr):
     import pwd
-    import shutil
 
     user = "attention-test"
     if subprocess.run(["id", user], capture_output=True).returncode != 0:

@@ -37,6 +37,7 @@ def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny
     lines[0]["question"] = HOSTILE_QUESTION
     lines[0]["answer"] = "</div><b>bold?</b>"
     for line in lines:
+        line["visual_regions"] = [line["visual_regions"][0], "heart"]
         line["visual_locations"] = [[120, 40, 200, 140], [90, 100, 150, 160]]
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out"

@@ -1,0 +1,202 @@
+"""A toy CLIP trained on the CPU in minutes on synthetic chest films and their captions (attention_map.synthetic).
+
+It exists to show that the maps mean something: its gScoreCAM maps point at the lesion a caption names, which random
+weights cannot show. It is a toy: real work uses BiomedCLIP. The recipe: 96 px films, a ViT of patch 12, width 128
+and 4 layers with average pooling over the patch tokens, open_clip's own text transformer and tokenizer, an initial
+logit scale of 50, and batches with the same number of films per caption in which films of one caption are all
+positives of that caption. The same seed and steps write the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .random_models import BIOMEDCLIP_MEAN, BIOMEDCLIP_STD
+
+log = logging.getLogger(__name__)
+
+CONFIG = {
+    "model_cfg": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 96, "patch_size": 12, "width": 128, "layers": 4, "head_width": 32,
+                       "pool_type": "avg"},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    },
+    "preprocess_cfg": {"mean": list(BIOMEDCLIP_MEAN), "std": list(BIOMEDCLIP_STD)},
+}
+FILM_SIZE = 192          # films are drawn at this size and squashed to 96 by the model's own preparation
+PER_CAPTION = 6          # films per caption in a batch
+INITIAL_LOGIT_SCALE = 50.0
+STEPS = 2500             # training steps of the recipe
+FILMS = 6000             # training films (seeds seed * 1e6 + 0 .. FILMS)
+
+
+def _films(model, seeds: range) -> tuple[torch.Tensor, list[str]]:
+    """The model inputs (N, 3, 96, 96) of synthetic films and their captions."""
+    from ..synthetic import make_chest
+
+    inputs, labels = [], []
+    for seed in seeds:
+        film, lesions = make_chest(seed, FILM_SIZE)
+        inputs.append(model.prepare(film)[0])
+        labels.append(lesions[0].caption)
+    return torch.stack(inputs), labels
+
+
+def train_toy_model(folder: Path, steps: int = STEPS, seed: int = 0, films: int = FILMS) -> Path:
+    """Train the toy CLIP for `steps` steps on `films` synthetic films and write it to `folder` in the pipeline's
+    model format (open_clip_config.json and open_clip_model.safetensors); returns the folder."""
+    import open_clip
+
+    from ..synthetic import captions, question
+    from . import load_model
+    from .open_clip_model import go_offline
+
+    go_offline()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    module = open_clip.CLIP(**CONFIG["model_cfg"], init_logit_scale=math.log(INITIAL_LOGIT_SCALE))
+    (folder / "open_clip_config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    _save(module, folder, recipe(0, seed, films))
+    if steps == 0:          # the initial random weights: the sanity check's model
+        return folder
+    model = load_model(str(folder), torch.device("cpu"))   # the pipeline's own preparation and tokenizer
+
+    started = time.perf_counter()
+    inputs, labels = _films(model, range(seed * 1_000_000, seed * 1_000_000 + films))
+    names = captions()
+    by_caption = [np.flatnonzero([label == name for label in labels]) for name in names]
+    # each caption also as the question the demo asks ("Is there a nodule in the left upper lung?")
+    tokens = model.tokenizer(names + [question(name) for name in names])
+    log.info("%d training films drawn in %.0f s; %d captions, %d steps", films, time.perf_counter() - started,
+             len(names), steps)
+
+    net = model.module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    rng = np.random.default_rng(seed)
+    targets = torch.arange(len(names)).repeat_interleave(PER_CAPTION)
+    same = (targets[:, None] == targets[None, :]).float()
+    for step in range(steps):
+        batch = np.concatenate([rng.choice(indices, PER_CAPTION, replace=False) for indices in by_caption])
+        images = F.normalize(net.encode_image(inputs[batch]), dim=-1)
+        wording = np.arange(len(names)) + len(names) * rng.integers(0, 2, len(names))
+        texts = F.normalize(net.encode_text(tokens[wording]), dim=-1)
+        logits = net.logit_scale.exp() * images @ texts.T                      # (B, captions)
+        image_loss = F.cross_entropy(logits, targets)
+        text_loss = -(F.log_softmax(logits.T, dim=1) * same[:: PER_CAPTION] / PER_CAPTION).sum(dim=1).mean()
+        loss = (image_loss + text_loss) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            net.logit_scale.clamp_(0, math.log(100))
+        if step % 250 == 0 or step == steps - 1:
+            accuracy = (logits.argmax(dim=1) == targets).float().mean().item()
+            log.info("step %d/%d: loss %.3f, batch caption accuracy %.2f, logit scale %.1f, %.0f s", step + 1, steps,
+                     loss.item(), accuracy, net.logit_scale.exp().item(), time.perf_counter() - started)
+    _save(net.eval(), folder, recipe(steps, seed, films))
+    return folder
+
+
+def recipe(steps: int, seed: int, films: int) -> str:
+    """What made a toy model: the training arguments and the code that draws the films and trains (a change to that
+    code makes a different model)."""
+    from .. import synthetic
+
+    code = hashlib.sha256(Path(synthetic.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
+    return f"attention-map train-toy-model --steps {steps} --seed {seed} --films {films} (code {code})"
+
+
+def is_current(folder: Path, steps: int = STEPS, seed: int = 0, films: int = FILMS) -> bool:
+    """Whether `folder` holds the toy model that these arguments and the current code train."""
+    from safetensors import safe_open
+
+    weights = Path(folder) / "open_clip_model.safetensors"
+    if not weights.is_file():
+        return False
+    with safe_open(str(weights), "pt") as handle:
+        return (handle.metadata() or {}).get("made_by") == recipe(steps, seed, films)
+
+
+def _save(module: torch.nn.Module, folder: Path, made_by: str) -> None:
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous().clone() for name, tensor in module.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"), metadata={"made_by": made_by})
+
+
+HELD_OUT = 10_000_000    # seeds of held-out films start here (training uses seed * 1e6 + 0 .. films)
+
+
+def check_toy_model(folder: Path, count: int = 60, size: int = 192) -> dict[str, float]:
+    """What the toy model's gScoreCAM maps show on `count` held-out films (fp32, CPU), each map from the prompt of
+    the film's caption:
+
+    retrieval: share of films whose own caption scores highest of all captions;
+    named_side: share of maps whose peak is on the side the caption names;
+    energy_ratio: mean share of the map's mass inside the lesion box over the box's share of the film;
+    pointing / pointing_cell: share of maps whose peak is inside the box / within one patch cell of it;
+    other_side: on films with the same lesion in both lungs, share of prompts naming one side that put the peak
+      on that side;
+    randomized_rank_correlation: median Spearman correlation, over the patch grid, of the maps against those of
+      the same architecture with its initial random weights (the sanity check of Adebayo et al., 2018).
+    """
+    from scipy.stats import spearmanr
+
+    from ..cams import GScoreCAM
+    from ..evaluate import Boxes, heatmap_scores
+    from ..maps import grid_to_image
+    from ..synthetic import captions, make_chest
+    from . import load_model
+
+    device = torch.device("cpu")
+    model = load_model(str(folder), device)
+    random_folder = Path(folder) / "random-initial-weights"
+    if not (random_folder / "open_clip_model.safetensors").is_file():
+        train_toy_model(random_folder, steps=0, films=0)
+    random_model = load_model(str(random_folder), device)
+    cam, random_cam = GScoreCAM(model, topk=300), GScoreCAM(random_model, topk=300)
+    names = captions()
+    texts = model.encode_text(names)
+    cell = size / (CONFIG["model_cfg"]["vision_cfg"]["image_size"] / CONFIG["model_cfg"]["vision_cfg"]["patch_size"])
+    figures: dict[str, list[float]] = {key: [] for key in ("retrieval", "named_side", "energy_ratio", "pointing",
+                                                           "pointing_cell", "other_side", "randomized")}
+    for seed in range(HELD_OUT, HELD_OUT + count):
+        film, (lesion,) = make_chest(seed, size)
+        pixels = model.prepare(film)
+        with torch.no_grad():
+            figures["retrieval"].append(float(names[int((model.encode_image(pixels) @ texts.T).argmax())]
+                                              == lesion.caption))
+        grid = cam.explain(pixels, [lesion.caption])[0].cam
+        heat = grid_to_image(grid, (size, size))
+        x = np.unravel_index(int(heat.argmax()), heat.shape)[1]
+        bx, by, bw, bh = lesion.box
+        figures["named_side"].append(float((x >= size / 2) == (lesion.side == "left")))
+        scores = heatmap_scores(heat, Boxes(((bx, by, bx + bw, by + bh),)).mask(size, size), top_percent=15)
+        figures["energy_ratio"].append(scores["energy_ratio"])
+        figures["pointing"].append(scores["hit"])
+        near = Boxes(((bx - cell, by - cell, bx + bw + cell, by + bh + cell),)).mask(size, size)
+        figures["pointing_cell"].append(heatmap_scores(heat, near, top_percent=15)["hit"])
+        random_grid = random_cam.explain(random_model.prepare(film), [lesion.caption])[0].cam
+        figures["randomized"].append(float(np.nan_to_num(spearmanr(grid.ravel(), random_grid.ravel())[0])))
+        both, lesions = make_chest(seed, size, kind=lesion.kind, sides=("right", "left"), zone=lesion.zone)
+        for named in lesions:
+            heat = grid_to_image(cam.explain(model.prepare(both), [named.caption])[0].cam, (size, size))
+            x = np.unravel_index(int(heat.argmax()), heat.shape)[1]
+            figures["other_side"].append(float((x >= size / 2) == (named.side == "left")))
+    result = {key: float(np.mean(values)) for key, values in figures.items() if key != "randomized"}
+    result["randomized_rank_correlation"] = float(np.median(figures["randomized"]))
+    return result
