@@ -86,7 +86,7 @@ def _draw_lesion(film: np.ndarray, kind: str, side: str, zone: str, rng: np.rand
         ys, xs = np.nonzero(fluid)
         return Lesion(kind, side, "lower", (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1))
     cy = ZONE_Y[zone] + rng.uniform(-0.03, 0.03)
-    radius = (0.055 if kind == "nodule" else 0.085) * s * rng.uniform(0.9, 1.1)
+    radius = (0.065 if kind == "nodule" else 0.1) * s * rng.uniform(0.9, 1.1)
     spot = np.zeros_like(film)
     cv2.circle(spot, (int(cx * s), int(cy * s)), int(radius), 1.0, -1)
     if kind == "opacity":                                # soft edges, less dense
@@ -104,7 +104,7 @@ def make_chest(seed: int, size: int = 384, kind: str | None = None, sides: tuple
     unless given; `sides=("right", "left")` puts one lesion of the same kind and zone in each lung."""
     rng = np.random.default_rng(seed)
     kind = kind or KINDS[rng.integers(len(KINDS))]
-    sides = sides or (SIDES[rng.integers(len(SIDES))],)
+    sides = (SIDES[rng.integers(len(SIDES))],) if sides is None else sides
     zone = "lower" if kind == "effusion" else zone or ZONES[rng.integers(len(ZONES))]
     film = _anatomy(size)
     lesions = [_draw_lesion(film, kind, side, zone, rng) for side in sides]

