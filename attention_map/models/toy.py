@@ -5,8 +5,8 @@ weights cannot show. It is a toy: real work uses BiomedCLIP. The recipe: 96 px f
 and 4 layers with average pooling over the patch tokens, open_clip's own text transformer and tokenizer, an initial
 logit scale of 50, and batches with the same number of films per caption in which films of one caption are all
 positives of that caption. Two parts make its evidence local: films without a lesion ("clear lungs"), and films
-seen through random smooth masks like gScoreCAM's, relabelled "clear lungs" when the mask hides the lesion. The same
-seed and steps write the same bytes.
+seen through random smooth masks like gScoreCAM's, relabelled "clear lungs" when the mask hides the lesion. On one
+machine and number of CPU threads, the same seed and steps write the same bytes.
 """
 from __future__ import annotations
 
