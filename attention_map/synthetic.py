@@ -21,8 +21,7 @@ SIDES = ("right", "left")             # the patient's: right is the image's left
 ZONES = ("upper", "lower")
 LUNG_X = {"right": 0.32, "left": 0.68}   # lung centres, as fractions of the width
 ZONE_Y = {"upper": 0.35, "lower": 0.58}  # lesion centres, as fractions of the height
-LUNG_TOP, LUNG_BOTTOM, LUNG_HALF_WIDTH = 0.20, 0.74, 0.13
-LESION_PLACES = {f"{side} {zone} lung": (LUNG_X[side], ZONE_Y[zone]) for side in SIDES for zone in ZONES}
+LUNG_Y, LUNG_HALF_WIDTH, LUNG_HALF_HEIGHT = 0.47, 0.13, 0.27   # lung ellipses, as fractions of the size
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,7 @@ def _anatomy(size: int) -> np.ndarray:
     s, film = size, np.zeros((size, size), np.float32)
     cv2.ellipse(film, (s // 2, int(0.62 * s)), (int(0.42 * s), int(0.55 * s)), 0, 0, 360, 0.55, -1)   # body
     for side in SIDES:                                                                                  # lungs
-        cv2.ellipse(film, (int(LUNG_X[side] * s), int(0.47 * s)), (int(LUNG_HALF_WIDTH * s), int(0.27 * s)),
-                    0, 0, 360, 0.2, -1)
+        _draw_lung(film, side, 0.2)
     for y in np.linspace(0.25, 0.7, 7):                                                                 # ribs
         for sign in (-1, 1):
             cv2.ellipse(film, (s // 2, int(y * s)), (int(0.3 * s), int(0.05 * s)), 0, 90 - sign * 90 + 10 * sign,
@@ -73,14 +71,19 @@ def _anatomy(size: int) -> np.ndarray:
     return film
 
 
+def _draw_lung(image: np.ndarray, side: str, value: float) -> None:
+    s = image.shape[0]
+    cv2.ellipse(image, (int(LUNG_X[side] * s), int(LUNG_Y * s)), (int(LUNG_HALF_WIDTH * s), int(LUNG_HALF_HEIGHT * s)),
+                0, 0, 360, value, -1)
+
+
 def _draw_lesion(film: np.ndarray, kind: str, side: str, zone: str, rng: np.random.Generator) -> Lesion:
     s = film.shape[0]
     cx = LUNG_X[side] + rng.uniform(-0.03, 0.03)
     if kind == "effusion":
-        top = LUNG_BOTTOM - rng.uniform(0.16, 0.2)      # the meniscus
+        top = LUNG_Y + LUNG_HALF_HEIGHT - rng.uniform(0.16, 0.2)      # the meniscus, above the lung's base
         fluid = np.zeros_like(film)
-        cv2.ellipse(fluid, (int(LUNG_X[side] * s), int(0.47 * s)), (int(LUNG_HALF_WIDTH * s), int(0.27 * s)),
-                    0, 0, 360, 1.0, -1)
+        _draw_lung(fluid, side, 1.0)
         fluid[: int(top * s)] = 0
         film[:] = np.where(fluid > 0, 0.62, film)
         ys, xs = np.nonzero(fluid)

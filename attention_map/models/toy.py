@@ -213,9 +213,8 @@ def check_toy_model(folder: Path, count: int = 60, size: int = 192) -> dict[str,
                                               == lesion.caption))
         grid = cam.explain(pixels, [lesion.caption])[0].cam
         heat = grid_to_image(grid, (size, size))
-        x = np.unravel_index(int(heat.argmax()), heat.shape)[1]
         bx, by, bw, bh = lesion.box
-        figures["named_side"].append(float((x >= size / 2) == (lesion.side == "left")))
+        figures["named_side"].append(_peak_on_side(heat, lesion.side))
         scores = heatmap_scores(heat, Boxes(((bx, by, bx + bw, by + bh),)).mask(size, size), top_percent=15)
         figures["energy_ratio"].append(scores["energy_ratio"])
         figures["pointing"].append(scores["hit"])
@@ -226,8 +225,13 @@ def check_toy_model(folder: Path, count: int = 60, size: int = 192) -> dict[str,
         both, lesions = make_chest(seed, size, kind=lesion.kind, sides=("right", "left"), zone=lesion.zone)
         for named in lesions:
             heat = grid_to_image(cam.explain(model.prepare(both), [named.caption])[0].cam, (size, size))
-            x = np.unravel_index(int(heat.argmax()), heat.shape)[1]
-            figures["other_side"].append(float((x >= size / 2) == (named.side == "left")))
+            figures["other_side"].append(_peak_on_side(heat, named.side))
     result = {key: float(np.mean(values)) for key, values in figures.items() if key != "randomized"}
     result["randomized_rank_correlation"] = float(np.median(figures["randomized"]))
     return result
+
+
+def _peak_on_side(heat: np.ndarray, side: str) -> float:
+    """1.0 when the map's peak is in the patient's `side` of the film (the patient's left is the image's right)."""
+    x = np.unravel_index(int(heat.argmax()), heat.shape)[1]
+    return float((x >= heat.shape[1] / 2) == (side == "left"))
