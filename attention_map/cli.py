@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                                                       "then print what its maps show on held-out films")
     toy.add_argument("folder", type=Path)
     toy.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/toy.py)")
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--seed", type=int, help="seed of the weights and the training films (default: the recipe's)")
+    toy.add_argument("--device", default="cpu", help="where to train and check: cpu (default) or cuda; the "
+                     "figures depend on it, as on the number of CPU threads")
     toy.add_argument("--check-films", type=int, default=60, help="held-out films to check it on (0: none)")
     toy.add_argument("--force", action="store_true", help="train even if FOLDER holds a model of this recipe")
 
@@ -93,16 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         log.info("wrote a random-weight %s model to %s (use MODEL=%s)", args.arch, folder, folder)
         return 0
     if args.command == "train-toy-model":
-        from .models.toy import STEPS, check_toy_model, is_current, train_toy_model
+        from .models.toy import SEED, STEPS, check_toy_model, is_current, train_toy_model
 
-        steps = args.steps or STEPS
-        if not args.force and is_current(args.folder, steps, args.seed):
+        steps = STEPS if args.steps is None else args.steps
+        seed = SEED if args.seed is None else args.seed
+        if not args.force and is_current(args.folder, steps, seed):
             log.info("%s already holds the toy model of this recipe and code (--force trains it again)", args.folder)
             return 0
-        folder = train_toy_model(args.folder, steps, args.seed)
+        folder = train_toy_model(args.folder, steps, seed, device=args.device)
         log.info("wrote the toy model to %s (use MODEL=%s)", folder, folder)
         if args.check_films:
-            figures = check_toy_model(folder, args.check_films)
+            figures = check_toy_model(folder, args.check_films, device=args.device)
             print(f"On {args.check_films} held-out synthetic films: " + ", ".join(
                 f"{name} {value:.2f}" for name, value in figures.items()))
         return 0

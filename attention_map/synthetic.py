@@ -22,6 +22,7 @@ ZONES = ("upper", "lower")
 LUNG_X = {"right": 0.32, "left": 0.68}   # lung centres, as fractions of the width
 ZONE_Y = {"upper": 0.35, "lower": 0.58}  # lesion centres, as fractions of the height
 LUNG_Y, LUNG_HALF_WIDTH, LUNG_HALF_HEIGHT = 0.47, 0.13, 0.27   # lung ellipses, as fractions of the size
+RADIUS = {"nodule": 0.065, "opacity": 0.1}   # lesion radii, as fractions of the size
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _draw_lesion(film: np.ndarray, kind: str, side: str, zone: str, rng: np.rand
         ys, xs = np.nonzero(fluid)
         return Lesion(kind, side, "lower", (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1))
     cy = ZONE_Y[zone] + rng.uniform(-0.03, 0.03)
-    radius = (0.065 if kind == "nodule" else 0.1) * s * rng.uniform(0.9, 1.1)
+    radius = RADIUS[kind] * s * rng.uniform(0.9, 1.1)
     spot = np.zeros_like(film)
     cv2.circle(spot, (int(cx * s), int(cy * s)), int(radius), 1.0, -1)
     if kind == "opacity":                                # soft edges, less dense

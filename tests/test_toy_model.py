@@ -26,12 +26,20 @@ def test_maps_peak_on_the_named_side(figures):
 
 
 def test_map_energy_is_concentrated_in_the_lesion_box(figures):
-    # the recipe reaches 2.8 (README, "The toy model"); the goal of 3 is not met, this keeps what is
-    assert figures["energy_ratio"] >= 2.5
+    assert figures["energy_ratio"] >= 3.0      # 1 is a uniform map
 
 
 def test_pointing_game_within_one_patch_cell(figures):
     assert figures["pointing_cell"] >= 0.4
+
+
+def test_strict_pointing_game(figures):
+    # the goal is 0.8; nine seeds of the recipe gave 0.40 to 0.80 (README, "The toy model")
+    assert figures["pointing"] >= 0.5
+
+
+def test_a_prompt_naming_the_other_lung_moves_the_peak_there(figures):
+    assert figures["other_side"] >= 0.65       # films with a lesion in each lung: 0.5 is chance
 
 
 def test_randomized_weights_give_unrelated_maps(figures):
@@ -96,3 +104,11 @@ def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     assert forced.returncode == 0 and "step 2/2" in forced.stderr
     retrained = load_file(str(folder / "open_clip_model.safetensors"))
     assert all(torch.equal(weights[name], retrained[name]) for name in weights)   # the same seed, the same bytes
+    # the initial weights are kept beside it for the randomisation check, and differ from the trained ones
+    initial = load_file(str(folder / "random-initial-weights" / "open_clip_model.safetensors"))
+    assert initial.keys() == weights.keys()
+    assert not torch.equal(initial["visual.conv1.weight"], weights["visual.conv1.weight"])
+    other_seed = cli("train-toy-model", tmp_path / "seed1", "--steps", "0", "--seed", "1", "--check-films", "0")
+    assert other_seed.returncode == 0, other_seed.stderr
+    seed1 = load_file(str(tmp_path / "seed1" / "open_clip_model.safetensors"))
+    assert not torch.equal(seed1["visual.conv1.weight"], initial["visual.conv1.weight"])
