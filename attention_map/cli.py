@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     toy.add_argument("folder", type=Path)
     toy.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/toy.py)")
     toy.add_argument("--seed", type=int, help="seed of the weights and the training films (default: the recipe's)")
-    toy.add_argument("--device", default="cpu", help="where to train and check: cpu (default) or cuda; the "
-                     "figures depend on it, as on the number of CPU threads")
+    toy.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and check (the "
+                     "figures depend on it, as on the number of CPU threads)")
     toy.add_argument("--check-films", type=int, default=60, help="held-out films to check it on (0: none)")
     toy.add_argument("--force", action="store_true", help="train even if FOLDER holds a model of this recipe")
 
@@ -95,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("wrote a random-weight %s model to %s (use MODEL=%s)", args.arch, folder, folder)
         return 0
     if args.command == "train-toy-model":
+        import torch
+
         from .models.toy import SEED, STEPS, check_toy_model, is_current, train_toy_model
 
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("attention-map: --device cuda but no CUDA device is visible", file=sys.stderr)
+            return EXIT_CONFIG
         steps = STEPS if args.steps is None else args.steps
         seed = SEED if args.seed is None else args.seed
         if not args.force and is_current(args.folder, steps, seed):

@@ -112,3 +112,11 @@ def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     assert other_seed.returncode == 0, other_seed.stderr
     seed1 = load_file(str(tmp_path / "seed1" / "open_clip_model.safetensors"))
     assert not torch.equal(seed1["visual.conv1.weight"], initial["visual.conv1.weight"])
+
+
+def test_train_toy_model_on_a_missing_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here, so --device cuda is valid")
+    result = cli("train-toy-model", tmp_path / "toy", "--device", "cuda")
+    assert result.returncode != 0 and "--device cuda but no CUDA device is visible" in result.stderr
+    assert not (tmp_path / "toy").exists()
