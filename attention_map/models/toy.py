@@ -78,15 +78,13 @@ def train_toy_model(folder: Path, steps: int = STEPS, seed: int = SEED, films: i
 
     go_offline()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     module = open_clip.CLIP(**CONFIG["model_cfg"], init_logit_scale=math.log(INITIAL_LOGIT_SCALE))
-    (folder / "open_clip_config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     _save(module, folder, recipe(0, seed, films))
     if steps == 0:
         return folder
     # the same initial weights kept apart: check_toy_model's randomised model (Adebayo et al., 2018)
-    train_toy_model(folder / RANDOM_WEIGHTS, steps=0, seed=seed, films=0)
+    _save(module, folder / RANDOM_WEIGHTS, recipe(0, seed, 0))
     model = load_model(str(folder), torch.device(device))   # the pipeline's own preparation and tokenizer
 
     started = time.perf_counter()
@@ -171,8 +169,11 @@ def is_current(folder: Path, steps: int = STEPS, seed: int = SEED, films: int = 
 
 
 def _save(module: torch.nn.Module, folder: Path, made_by: str) -> None:
+    """`module` in the pipeline's model format: folder/open_clip_config.json and open_clip_model.safetensors."""
     from safetensors.torch import save_file
 
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     state = {name: tensor.detach().contiguous().clone() for name, tensor in module.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"), metadata={"made_by": made_by})
 
