@@ -49,6 +49,8 @@ class Settings:
     STOP_AFTER: int | None = _key(None, "process only the first N images (empty: all)", "int", low=1, optional=True)
     MAX_IMAGE_PIXELS: int = _key(50_000_000, "larger images are refused before decoding (decompression-bomb guard)",
                                  "int", low=1)
+    DICOM_FRAME: str = _key("first", "of a multi-frame DICOM: first or middle frame, or all (one map per frame, "
+                            "named _f<frame>)", "choice", ("first", "middle", "all"))
     ALLOW_OUTSIDE_IMAGE_ROOT: bool = _key(False, "true: image paths may point outside IMAGE_ROOT (absolute or ..)",
                                           "bool")
     # Runs

@@ -11,7 +11,7 @@ import sys
 
 from . import outputs
 from .config import Settings
-from .images import ImageError
+from .images import Film, ImageError
 from .maps import grid_to_image
 from .plan import Job
 from .postprocess import CRFParams, apply_mask, body_mask, crf_refine
@@ -26,13 +26,15 @@ def truncation_warning(model, prompt: str) -> str:
     return f"prompt truncated to the model's {model.context_length} tokens ({tokens - model.context_length} dropped)"
 
 
-def explain(model, cam, film, jobs: list[Job]) -> tuple[list, list[str]]:
-    """The film's maps on the patch grid, one per job, and each one's warnings so far (flat map, truncated prompt).
+def explain(model, cam, film: Film, jobs: list[Job]) -> tuple[list, list[str]]:
+    """The film's maps on the patch grid, one per job, and each one's warnings so far (what the reader assumed,
+    flat map, truncated prompt).
 
     Raises StageError("cam")."""
     with _stage("cam"):
-        grid_maps = cam.explain(model.prepare(film), [job.prompt.text for job in jobs])
-    warnings = ["; ".join(w for w in (grid_map.warning, truncation_warning(model, job.prompt.text)) if w)
+        grid_maps = cam.explain(model.prepare(film.pixels), [job.prompt.text for job in jobs])
+    warnings = ["; ".join(w for w in (film.warning, grid_map.warning, truncation_warning(model, job.prompt.text))
+                          if w)
                 for job, grid_map in zip(jobs, grid_maps)]
     return [grid_map.cam for grid_map in grid_maps], warnings
 

@@ -32,6 +32,7 @@ class ManifestRow:
     choices: str
     raw_map: str         # 16-bit map relative to OUTPUT_DIR, when SAVE_RAW_CAM=true
     warning: str
+    frame: str = ""      # the frame explained, of a multi-frame DICOM (0-based); empty for a single image
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
@@ -61,10 +62,12 @@ def relative_image_path(image_path: str, image_root: Path, allow_outside: bool =
         return PurePosixPath("outside", *full.parts[1:])
 
 
-def overlay_name(relative: PurePosixPath, q_id: str, region: int | None) -> str:
-    """`<path without extension>_idx<q_id>[_r<j>].png`, relative to OUTPUT_DIR; no part can be '..' or absolute."""
+def overlay_name(relative: PurePosixPath, q_id: str, region: int | None, frame: int | None = None) -> str:
+    """`<path without extension>_idx<q_id>[_r<j>][_f<frame>].png`, relative to OUTPUT_DIR; no part can be '..' or
+    absolute. The frame is named only where every frame of a multi-frame object gets its own map."""
     parts = [_safe(p) for p in relative.parent.parts if p not in ("", ".", "/")]
-    stem = f"{_safe(relative.stem)}_idx{_safe(q_id)}" + ("" if region is None else f"_r{region}")
+    stem = (f"{_safe(relative.stem)}_idx{_safe(q_id)}" + ("" if region is None else f"_r{region}")
+            + ("" if frame is None else f"_f{frame}"))
     return str(PurePosixPath(*parts, stem + ".png")) if parts else stem + ".png"
 
 

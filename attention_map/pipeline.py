@@ -22,9 +22,9 @@ from .cams import CAM_METHODS
 from .config import ConfigError, Settings
 from . import heatmaps
 from .heatmaps import StageError
-from .images import ImageError, load_film
+from .images import ImageError, read_film
 from .models import ModelLoadError, load_model
-from .plan import Job, manifest_row, plan_jobs
+from .plan import Job, Source, manifest_row, plan_jobs
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -122,18 +122,19 @@ def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
 
 
 class _Films(torch.utils.data.Dataset):
-    """Films decoded (in DataLoader workers when WORKERS > 0): (position, film or None, error or None, seconds)."""
+    """Films decoded (in DataLoader workers when WORKERS > 0): (position, Film or None, error or None, seconds)."""
 
-    def __init__(self, root: Path, paths: list[str], max_pixels: int):
-        self.root, self.paths, self.max_pixels = root, paths, max_pixels
+    def __init__(self, sources: list[Source], max_pixels: int):
+        self.sources, self.max_pixels = sources, max_pixels
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def __getitem__(self, position: int):
         started = time.perf_counter()
+        source = self.sources[position]
         try:
-            film, error = load_film(self.root / self.paths[position], self.max_pixels), None
+            film, error = read_film(source.path, self.max_pixels, source.frame), None
         except (ImageError, OSError, ValueError) as problem:   # returned, not raised: it costs only this film
             film, error = None, problem
         return position, film, error, time.perf_counter() - started
@@ -143,8 +144,8 @@ def _as_is(item):
     return item
 
 
-def _films(settings: Settings, paths: list[str], workers: int):
-    films = _Films(settings.IMAGE_ROOT, paths, settings.MAX_IMAGE_PIXELS)
+def _films(settings: Settings, sources: list[Source], workers: int):
+    films = _Films(sources, settings.MAX_IMAGE_PIXELS)
     if workers == 0:
         return (films[i] for i in range(len(films)))
     # Decoding a film costs far less than post-processing its maps: a few decoders keep up.
@@ -179,8 +180,8 @@ def _submit(pool: Executor | None, function, *args) -> Future:
     return future
 
 
-def _skip_finished(films: dict[str, list[Job]], progress: shards.Progress, settings: Settings,
-                   rows: dict[int, outputs.ManifestRow]) -> dict[str, list[Job]]:
+def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, settings: Settings,
+                   rows: dict[int, outputs.ManifestRow]) -> dict[Source, list[Job]]:
     """The films still to make; the manifest rows of the finished ones go into `rows`.
 
     A film is skipped only when all its heatmaps are done: the prompts of one film share their masked forwards,
@@ -191,6 +192,7 @@ def _skip_finished(films: dict[str, list[Job]], progress: shards.Progress, setti
         finished = [progress.finished(job.overlay, job.prompt.text) for job in jobs]
         if all(finished):
             for job, entry in zip(jobs, finished):
+                job = dataclasses.replace(job, frame=entry.get("frame"))
                 rows[job.index] = manifest_row(job, settings, entry["raw_map"], entry["warning"])
         else:
             todo[film] = jobs
@@ -245,7 +247,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     progress.open()
 
     def written(job: Job, raw_name: str, warning: str) -> None:
-        progress.add(job.overlay, job.prompt.text, warning, raw_name)
+        progress.add(job.overlay, job.prompt.text, warning, raw_name, job.frame)
         rows[job.index] = manifest_row(job, settings, raw_name, warning)
         summary.heatmaps += 1
         if warning:
@@ -288,20 +290,21 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
             bar.update(1)
             bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures)
 
-    paths = list(todo)
+    sources = list(todo)
     try:
-        for position, film, load_error, seconds in _films(settings, paths, workers):
+        for position, film, load_error, seconds in _films(settings, sources, workers):
             times.add("decode", seconds)
-            image_path, jobs = paths[position], todo[paths[position]]
+            image_path, jobs = str(sources[position]), todo[sources[position]]
             try:
                 if load_error is not None:
                     raise StageError.of("load", load_error)
+                jobs = [dataclasses.replace(job, frame=film.frame) for job in jobs]   # first/middle, resolved
                 grid_maps, warnings = heatmaps.explain(model, cam, film, jobs)
             except StageError as error:
                 failed(image_path, jobs, error)
                 bar.update(1)
             else:
-                task = (heatmaps.finish, settings, film, jobs, grid_maps, warnings)
+                task = (heatmaps.finish, settings, film.pixels, jobs, grid_maps, warnings)
                 try:
                     future = _submit(pool, *task)
                 except BrokenProcessPool:   # a worker died: the films in flight fail (see collect), a new pool goes on

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from . import outputs
-from .images import ImageError, load_film
+from .images import ImageError, read_film
 from .shards import read_run_config
 
 THUMBNAIL = 256   # longest side, pixels
@@ -64,11 +64,13 @@ def _read(path: Path) -> np.ndarray | None:
     return image
 
 
-def _film(image_root: Path | None, source_image: str) -> np.ndarray | None:
+def _film(image_root: Path | None, source_image: str, frame: str) -> np.ndarray | None:
+    """The film a map was made of (the manifest's frame of a multi-frame DICOM), 8-bit; None if unreadable."""
     if image_root is None:
         return None
     try:
-        return np.round(load_film(image_root / source_image) * 255).astype(np.uint8)
+        film = read_film(image_root / source_image, frame=int(frame) if frame else "first")
+        return np.round(film.pixels * 255).astype(np.uint8)
     except ImageError:
         return None
 
@@ -91,8 +93,9 @@ def write_report(output_dir: Path) -> Path:
 
     cards, films = [], {}
     for order, row in enumerate(rows):
-        if row["source_image"] not in films:
-            films[row["source_image"]] = _data_uri(_film(image_root, row["source_image"]))
+        film = (row["source_image"], row.get("frame", ""))
+        if film not in films:
+            films[film] = _data_uri(_film(image_root, *film))
         score = scores.get(row["image_path"])
         kind = "" if score is None else ("hit" if float(score["hit"]) else "miss")
         data = f' data-order="{order}"' + ("" if score is None else
@@ -106,7 +109,7 @@ def write_report(output_dir: Path) -> Path:
         raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
         cards.append(
             f'<div class="card {kind}"{data}>'
-            f'<div class="images">{_img(films[row["source_image"]], "film")}'
+            f'<div class="images">{_img(films[film], "film")}'
             f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{_img(raw, "raw map")}</div>'
             f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
             f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'

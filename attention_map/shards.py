@@ -132,8 +132,9 @@ class Progress:
         outputs.write_atomic(self.path, b"".join(_line(e) for e in kept))
         self._handle = open(self.path, "ab")
 
-    def add(self, overlay: str, prompt: str, warning: str, raw_map: str) -> None:
-        entry = dict(overlay=overlay, prompt=prompt, warning=warning, raw_map=raw_map, settings=self.fingerprint)
+    def add(self, overlay: str, prompt: str, warning: str, raw_map: str, frame: int | None = None) -> None:
+        entry = dict(overlay=overlay, prompt=prompt, warning=warning, raw_map=raw_map, frame=frame,
+                     settings=self.fingerprint)
         self.entries[overlay] = entry
         self._handle.write(_line(entry))
         self._handle.flush()
@@ -201,7 +202,7 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
     errors.sort(key=lambda e: (int(e[0]) if e[0].isdigit() else 0, e[1], e[2]))
     outputs.write_atomic(output_dir / outputs.MANIFEST,
                          outputs.csv_bytes(outputs.MANIFEST_COLUMNS,
-                                           [[row[c] for c in outputs.MANIFEST_COLUMNS] for row in rows]))
+                                           [[row.get(c, "") for c in outputs.MANIFEST_COLUMNS] for row in rows]))
     if errors:
         outputs.write_atomic(output_dir / outputs.ERRORS, outputs.errors_bytes(errors))
     else:

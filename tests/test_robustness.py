@@ -53,7 +53,7 @@ def make_bad_corpus(folder: Path) -> dict[str, str]:
             "full.jpg": "ok", "cut.jpg": "unreadable image", "text.png": "unreadable image",
             "folder.png": "not a file", "missing.png": "file not found", "sixteen.png": "ok", "rgba.png": "ok",
             "palette.png": "ok", "cmyk.jpg": "ok", "one.png": "too small", "eight.png": "ok",
-            "huge.png": "above MAX_IMAGE_PIXELS", "corrupt.dcm": "unreadable DICOM"}
+            "huge.png": "above MAX_IMAGE_PIXELS", "corrupt.dcm": "DICOM holds no pixel data"}
 
 
 def _files(folder: Path) -> set[str]:
