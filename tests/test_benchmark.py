@@ -23,3 +23,15 @@ def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, 
     assert float(difference.group(1)) <= 1e-4 and difference.group(2, 3) == ("0", "6")
     fewer = float(re.search(r"image forwards per heatmap ([0-9.]+)x fewer", out).group(1))
     assert fewer > 1.0     # three prompts share their masked forwards
+
+
+def test_body_mask_benchmark_reports_lungs_background_letters_and_time(cxr):
+    result = subprocess.run([sys.executable, "benchmarks/bench_body_mask.py", "--cxr", str(cxr), "--limit", "6",
+                             "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert re.search(r"^6 films with lung masks \(\d+ with background\), 7 letters on 6 NIH films", out, re.M)
+    kept = re.search(r"lung kept: median ([0-9.]+), 5th percentile ([0-9.]+), min ([0-9.]+); (\d+) of 6 films", out)
+    assert kept and 0 <= float(kept.group(3)) <= float(kept.group(2)) <= float(kept.group(1)) <= 1
+    assert re.search(r"letters dropped: min 1\.000, mean 1\.000 over 7 letters", out)   # the Otsu mask's, as tested
+    assert re.search(r"[0-9.]+ ms per film at 1024 x 1024 \(1\.00x otsu\)", out)

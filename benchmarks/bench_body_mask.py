@@ -1,0 +1,133 @@
+"""How well each body mask keeps the lungs, drops the background and drops burned-in letters, and what it costs.
+
+    .venv/bin/python benchmarks/bench_body_mask.py [--limit N] [--repeats 5]
+
+On the 61 real radiographs with lung segmentations in ../shared/data/cxr/lungmasks/ (case-report figures and
+portable films; the masks are a model's output, approximate) it prints, per mask method:
+  * lung kept: the share of each film's lung pixels inside the mask (median, 5th percentile, minimum, films under
+    0.99, and their names). Lung-mask pixels on constant padding (rows or columns at the film's edge of one grey
+    value) are not counted: no anatomy lies there, and the segmentation model spills into it on one film.
+  * background dropped: the share of each film's reference background outside the mask, on the films that have
+    background. The reference is independent of every mask method: pixels joined to the film's border through
+    pixels darker than 99% of that film's lung pixels (air the X-rays reached unattenuated), kept only where they
+    lie at least 2% of the film's longer side from anything else (the air around the patient, not the band where it
+    shades into skin, which a mask keeps as a margin on purpose).
+  * letters dropped: on the NIH films in ../shared/data/cxr/nih/, the share of the pixels of each burned-in letter
+    located by hand (tests/test_postprocess.py LETTERS) outside the mask.
+  * milliseconds per film at 1024 x 1024 (the NIH films), median of --repeats passes, and the ratio to the first
+    method, from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))   # the letters located by hand are the tests' truth
+from attention_map.images import load_film  # noqa: E402
+from attention_map.postprocess import body_mask  # noqa: E402
+from test_postprocess import LETTERS  # noqa: E402
+
+CXR = REPO.parent / "shared" / "data" / "cxr"
+METHODS = {"otsu": body_mask}
+AWAY_FROM_BODY = 0.02     # of the longer side
+HAS_BACKGROUND = 0.01     # films whose reference background is at least this share of the film
+
+
+def padding(film: np.ndarray) -> np.ndarray:
+    """Rows and columns at the film's edge that hold a single grey value."""
+    out = np.zeros(film.shape, bool)
+    for axis in (0, 1):
+        lines = film if axis == 0 else film.T
+        flat = np.ptp(lines, axis=1) < 1 / 255
+        start = np.argmin(flat) if not flat.all() else len(flat)
+        end = np.argmin(flat[::-1]) if not flat.all() else len(flat)
+        target = out if axis == 0 else out.T
+        target[:start] = True
+        target[len(flat) - end:] = True
+    return out
+
+
+def reference_background(film: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """See the module's docstring: dark air joined to the border, away from the body."""
+    dark = film < np.percentile(film[lung], 1)
+    labels, _ = ndimage.label(dark)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, border[border > 0]) & ~lung
+    radius = max(1, round(AWAY_FROM_BODY * max(film.shape)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    padded = np.pad(background.astype(np.uint8), radius, constant_values=1)   # the film's edge is not body
+    return cv2.erode(padded, disk)[radius:-radius, radius:-radius].astype(bool)
+
+
+def lung_films(folder: Path, limit: int | None):
+    for image in sorted((folder / "images").iterdir())[:limit]:
+        film = load_film(image)
+        lung = cv2.imread(str(folder / "masks" / f"{image.stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 127
+        yield image.name, film, lung & ~padding(film)
+
+
+def _spread(values: list[float]) -> str:
+    values = np.array(values)
+    return (f"median {np.median(values):.4f}, 5th percentile {np.percentile(values, 5):.4f}, "
+            f"min {values.min():.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cxr", type=Path, default=CXR, help="the shared chest X-ray folder (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="only the first N films with lung masks")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if not (args.cxr / "lungmasks" / "images").is_dir():
+        sys.exit(f"the films with lung masks are not at {args.cxr / 'lungmasks'}")
+    films = list(lung_films(args.cxr / "lungmasks", args.limit))
+    backgrounds = [reference_background(film, lung) for _, film, lung in films]
+    nih = {name: load_film(args.cxr / "nih" / name) for name in sorted({letter[0] for letter in LETTERS})}
+    timed = [load_film(path) for path in sorted((args.cxr / "nih").glob("*.png"))]
+    with_background = sum(b.mean() >= HAS_BACKGROUND for b in backgrounds)
+    print(f"{len(films)} films with lung masks ({with_background} with background), {len(LETTERS)} letters on "
+          f"{len(nih)} NIH films, {len(timed)} NIH films timed x {args.repeats}")
+    first_time = None
+    for method, make_mask in METHODS.items():
+        kept, dropped, under = [], [], []
+        for (name, film, lung), background in zip(films, backgrounds):
+            mask = make_mask(film)
+            kept.append(float((mask & lung).sum() / max(1, lung.sum())))
+            if kept[-1] < 0.99:
+                under.append(f"{name} {kept[-1]:.3f}")
+            if background.mean() >= HAS_BACKGROUND:
+                dropped.append(float((background & ~mask).sum() / background.sum()))
+        letters = []
+        for name, y0, y1, x0, x1 in LETTERS:
+            film = nih[name]
+            letter = film[y0:y1, x0:x1] > 0.85
+            letters.append(float((~make_mask(film)[y0:y1, x0:x1][letter]).mean()))
+        passes = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            for film in timed:
+                make_mask(film)
+            passes.append((time.perf_counter() - started) / len(timed))
+        milliseconds = statistics.median(passes) * 1e3
+        first_time = first_time or milliseconds
+        print(f"\n{method}")
+        print(f"  lung kept: {_spread(kept)}; {len(under)} of {len(kept)} films under 0.99"
+              + (f" ({'; '.join(under)})" if under else ""))
+        if dropped:
+            print(f"  background dropped: {_spread(dropped)}; {sum(d < 0.9 for d in dropped)} of {len(dropped)} "
+                  f"films under 0.9")
+        print(f"  letters dropped: min {min(letters):.3f}, mean {np.mean(letters):.3f} over {len(letters)} letters")
+        print(f"  {milliseconds:.1f} ms per film at 1024 x 1024 ({milliseconds / first_time:.2f}x {next(iter(METHODS))})")
+
+
+if __name__ == "__main__":
+    main()
