@@ -290,3 +290,12 @@ def test_jpeg_baseline_is_decoded_as_earlier_runs_did(cxr):
     assert not np.array_equal(decoded["pillow"], decoded["pylibjpeg"])
     pillow = decoded["pillow"]
     assert np.array_equal(load_film(path), ((pillow - pillow.min()) / (pillow.max() - pillow.min())).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["examples_rgb_color.dcm", "SC_rgb_rle_16bit.dcm", "SC_rgb_jpeg_gdcm.dcm"])
+def test_rgb_reads_as_its_bt601_luminance(name):
+    rgb = pydicom.dcmread(PYDICOM_FILES / name).pixel_array.astype(np.float64)
+    assert rgb.ndim == 3 and rgb.shape[-1] == 3
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    expected = (luma - luma.min()) / (luma.max() - luma.min())
+    assert np.abs(load_film(PYDICOM_FILES / name) - expected).max() < 1e-6
