@@ -210,6 +210,8 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
                       errors_file=settings.OUTPUT_DIR / outputs.ERRORS if shard.count == 1 else
                       shard.path(settings.OUTPUT_DIR, "errors"))
     plan_errors: list = []
+    if settings.DICOM_FRAME == "all":
+        log.info("DICOM_FRAME=all: reading the frame count of each file from its header")
     films = plan_jobs(settings, plan_errors)
     if shard.index == 0:          # record errors are the first shard's to report
         summary.errors.extend(plan_errors)
