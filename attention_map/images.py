@@ -187,15 +187,16 @@ def _load_dicom(path: Path, max_pixels: int | None, frame: int | str) -> Film:
         kind = getattr(dataset.get("SOPClassUID"), "name", "") or "not stated"
         raise ImageError(f"DICOM holds no pixel data (SOP class: {kind}): not an image")
     index = _frame_index(frame, frames)
+    index = index if frames > 1 else None   # a single image is not a frame of anything
     try:
-        pixels = _decode(dataset, index if frames > 1 else None)
+        pixels = _decode(dataset, index)
     except Exception as error:  # noqa: BLE001
         raise ImageError(_decode_failure(dataset, error)) from None
     try:
         film = _grey(pixels, dataset)
     except Exception as error:  # noqa: BLE001  (a malformed palette or LUT)
         raise ImageError(f"unreadable DICOM: {_one_line(error)}") from None
-    return Film(film, index if frames > 1 else None, warning)
+    return Film(film, index, warning)
 
 
 def _grey(pixels: np.ndarray, dataset) -> np.ndarray:
