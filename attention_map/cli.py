@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = STEPS if args.steps is None else args.steps
         seed = SEED if args.seed is None else args.seed
         if not args.force and is_current(args.folder, steps, seed):
-            log.info("%s already holds the toy model of this recipe and code (--force trains it again)", args.folder)
+            log.info("%s already holds the toy model of this recipe (--force trains it again)", args.folder)
             return 0
         folder = train_toy_model(args.folder, steps, seed, device=args.device)
         log.info("wrote the toy model to %s (use MODEL=%s)", folder, folder)

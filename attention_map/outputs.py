@@ -5,11 +5,12 @@ import csv
 import io
 import os
 import re
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
-import cv2
 import numpy as np
 
 MANIFEST = "vqa_manifest.csv"
@@ -98,12 +99,35 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_png(path: Path, image: np.ndarray) -> None:
     """uint8 RGB (H, W, 3) or grey uint8/uint16 (H, W) as PNG."""
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"PNG encoding failed for {path}")
-    write_atomic(path, encoded.tobytes())
+    write_atomic(path, encode_png(image))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """The PNG of uint8 RGB (H, W, 3) or grey uint8/uint16 (H, W): every row with the Sub filter, deflated by ISA-L
+    at level 1. Against OpenCV's libpng writer at 1024 x 1024 this takes a third of the time and gives smaller files
+    (benchmarks/bench_finish.py); the same image gives the same bytes."""
+    from isal import isal_zlib
+
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if image.dtype not in (np.uint8, np.uint16) or channels not in (1, 3) or (channels == 3 and image.dtype != np.uint8):
+        raise ValueError(f"cannot write a {image.dtype} image of shape {image.shape} as PNG")
+    height, width = image.shape[:2]
+    step = channels * image.itemsize                      # bytes per pixel: how far back the Sub filter looks
+    rows = np.ascontiguousarray(image, image.dtype.newbyteorder(">")).view(np.uint8).reshape(height, width * step)
+    filtered = np.empty((height, 1 + width * step), np.uint8)
+    filtered[:, 0] = 1                                    # filter type: Sub (each byte minus the one a pixel back)
+    filtered[:, 1:1 + step] = rows[:, :step]
+    np.subtract(rows[:, step:], rows[:, :-step], out=filtered[:, 1 + step:])   # modulo 256, as PNG defines it
+    header = struct.pack(">IIBBBBB", width, height, 8 * image.itemsize, 0 if channels == 1 else 2, 0, 0, 0)
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), 1)) + _png_chunk(b"IEND", b""))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def remove_temporaries(folder: Path) -> int:

@@ -1,6 +1,11 @@
 """Shared fixtures: the real chest X-rays beside the checkout, and random-weight model folders built offline."""
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,11 +13,46 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
 
+# Retrains the toy model from its recipe on one CPU thread and checks it, writing the figures as JSON to argv[1]
+_RETRAIN = """
+import json, sys, torch
+from pathlib import Path
+from attention_map.models.toy import check_toy_model, train_toy_model
+torch.set_num_threads(1)
+folder = train_toy_model(Path(sys.argv[1]).parent / "toy")
+Path(sys.argv[1]).write_text(json.dumps(check_toy_model(folder, count=60)))
+"""
+_retrain: dict = {}
+
 
 def pytest_collection_modifyitems(items):
     """Tests that build the Docker image run last: the build needs many GB of disk for a while, and when a machine
-    runs short, the other tests have run on a disk with room."""
-    items.sort(key=lambda item: "docker_image" in getattr(item, "fixturenames", ()))
+    runs short, the other tests have run on a disk with room. When the toy model's retrain is among the tests, it
+    starts now in a process of its own on one thread, so that its minutes overlap the other tests; its test runs
+    last and waits for it."""
+    items.sort(key=lambda item: ("toy_retrain" in getattr(item, "fixturenames", ()),
+                                 "docker_image" in getattr(item, "fixturenames", ())))
+    if any("toy_retrain" in getattr(item, "fixturenames", ()) for item in items):
+        work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
+        _retrain.update(work=work, process=subprocess.Popen(
+            [sys.executable, "-c", _RETRAIN, str(work / "figures.json")], cwd=REPO,
+            stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT))
+
+
+def pytest_sessionfinish():
+    if _retrain:
+        _retrain["process"].kill()        # a session that ends early does not wait for it
+        _retrain["process"].wait()
+        shutil.rmtree(_retrain["work"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def toy_retrain() -> dict:
+    """The figures of the toy model retrained from its recipe (started at collection, see above)."""
+    process, work = _retrain["process"], _retrain["work"]
+    if process.wait() != 0:
+        pytest.fail(f"retraining the toy model failed: {(work / 'log.txt').read_text()[-2000:]}")
+    return json.loads((work / "figures.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +79,8 @@ def biomedclip_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def toy_model(tmp_path_factory) -> Path:
-    """The toy CLIP trained on synthetic films: the one scripts/install.sh trained, when it is there and was made
-    by the current recipe, else trained here (minutes on a CPU)."""
-    from attention_map.models.toy import is_current, train_toy_model
+def toy_model() -> Path:
+    """The toy CLIP trained on synthetic films, as shipped in examples/models/demo-toy."""
+    from attention_map.models.toy import SHIPPED
 
-    installed = REPO / "results" / "models" / "demo-toy"
-    if is_current(installed):
-        return installed
-    return train_toy_model(tmp_path_factory.mktemp("models") / "toy", seed=0)
+    return SHIPPED

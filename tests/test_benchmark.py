@@ -35,3 +35,16 @@ def test_body_mask_benchmark_reports_lungs_background_letters_and_time(cxr):
     assert kept and 0 <= float(kept.group(3)) <= float(kept.group(2)) <= float(kept.group(1)) <= 1
     assert re.search(r"letters dropped: min 1\.000, mean 1\.000 over 7 letters", out)   # the Otsu mask's, as tested
     assert re.search(r"[0-9.]+ ms per film at 1024 x 1024 \(1\.00x otsu\)", out)
+
+
+def test_finish_benchmark_compares_the_former_and_current_cpu_part(cxr):
+    result = subprocess.run([sys.executable, "benchmarks/bench_finish.py", "--films", "2", "--prompts", "2",
+                             "--size", "256", "--crf-films", "1"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for stage in ("body mask", "render", "png write", "all three"):
+        assert re.search(rf"^\| {stage} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$", out, re.M), stage
+    agreement = re.search(r"overlays differ by at most (\d+) grey level\(s\), raw maps differ in (\d+) of 4", out)
+    assert agreement and int(agreement.group(1)) <= 1 and agreement.group(2) == "0"
+    assert re.search(r"CRF on 2 maps: full size [0-9.]+ s per map, .* \(within 1e-2: \d of 2\)", out)

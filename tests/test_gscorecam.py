@@ -127,3 +127,26 @@ def test_tf32_sets_the_matmul_precision_inside_the_masked_forwards_only(tiny_mod
     cam.forward_in_batches(2, lambda start, stop: seen.append(torch.get_float32_matmul_precision())
                            or torch.zeros(stop - start, 3, *model.image_size))
     assert seen == ["high"] and torch.get_float32_matmul_precision() == before
+
+
+def test_scores_that_overflow_are_taken_as_zero_and_counted_in_the_warning(tiny_model, cxr):
+    """An fp16 overflow makes a masked image's score inf or nan; it must not steer the softmax, nor pass unsaid."""
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    film = model.prepare(load_film(cxr / "nih" / "00000001_000.png"))
+    clean = GScoreCAM(model, topk=16).explain(film, PROMPTS[:2])
+    original = model.encode_image
+
+    def encode_image(pixels):
+        embeddings = original(pixels)
+        if len(pixels) > 1:                      # the masked images, not the film's own gradient pass
+            embeddings[:3] = float("inf")
+            embeddings[3] = float("nan")
+        return embeddings
+
+    model.encode_image = encode_image
+    results = GScoreCAM(model, topk=16).explain(film, PROMPTS[:2])
+    for result, before in zip(results, clean):
+        assert np.isfinite(result.cam).all() and result.cam.max() > 0
+        dropped = int(result.warning.split(" of ")[0]) if "not finite" in result.warning else 0
+        assert 1 <= dropped <= 4 and "of 16 masked-image scores were not finite at PRECISION=fp32" in result.warning
+        assert not np.allclose(result.cam, before.cam)

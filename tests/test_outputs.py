@@ -88,3 +88,28 @@ def test_shard_comes_from_the_slurm_array_and_keeps_the_first_split(tmp_path):
         shards.resolve_shard(settings, {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MAX": "9"})
     films = [n for n in range(20) if shards.Shard(3, 8).owns(n)]
     assert films == [3, 11, 19]
+
+
+@pytest.mark.parametrize("shape, dtype", [((37, 53, 3), np.uint8), ((64, 41), np.uint8), ((29, 70), np.uint16),
+                                          ((1, 1), np.uint16), ((1, 5, 3), np.uint8)])
+def test_written_pngs_decode_to_the_same_pixels_in_two_independent_readers(tmp_path, shape, dtype):
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    image.flat[:3] = [0, np.iinfo(dtype).max, 1][: image.size]    # the extremes, and the Sub filter's wrap-around
+    path = tmp_path / "image.png"
+    outputs.write_png(path, image)
+    read = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert read.dtype == dtype and np.array_equal(read[..., ::-1] if image.ndim == 3 else read, image)
+    with Image.open(path) as pil:
+        pil.load()
+        assert np.array_equal(np.asarray(pil).astype(dtype), image)
+    assert outputs.png_is_complete(path) and outputs.encode_png(image) == path.read_bytes()   # deterministic
+
+
+def test_png_of_an_unsupported_image_is_refused():
+    for image in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3), np.uint16)):
+        with pytest.raises(ValueError, match="cannot write"):
+            outputs.encode_png(image)

@@ -38,3 +38,14 @@ def test_raw_map_is_sixteen_bit_full_scale():
     cam = np.array([[0, 0.5, 1.0]], np.float32)
     raw = raw_map_16bit(cam)
     assert raw.dtype == np.uint16 and raw.tolist() == [[0, 32768, 65535]]
+
+
+def test_overlay_is_the_blend_formula_within_one_level():
+    rng = np.random.default_rng(0)
+    film, cam = rng.random((300, 300), dtype=np.float32), rng.random((300, 300), dtype=np.float32)
+    for name, alpha in (("jet", 0.5), ("custom_purple_red", 0.35)):
+        index = np.round(cam * np.float32(255)).astype(np.uint8)      # the colour index, from fp32 as the maps are
+        heat = colormap_lut(name)[index].astype(np.float64)
+        expected = np.round((1 - alpha) * 255 * film.astype(np.float64)[..., None] + alpha * heat)
+        difference = np.abs(overlay(film, cam, name, alpha).astype(np.float64) - expected)
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, name

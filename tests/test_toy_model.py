@@ -12,6 +12,24 @@ from attention_map.synthetic import captions, corner_boxes, make_chest
 from test_cli import cli, read_manifest
 
 
+# What the toy model's maps must show on the 60 held-out films (README, "The toy model"): figure -> (floor, ceiling)
+THRESHOLDS = {
+    "retrieval": (0.6, None),            # 10 captions: chance is 0.1
+    "named_side": (0.85, None),
+    "energy_ratio": (3.0, None),         # 1 is a uniform map
+    "pointing_cell": (0.4, None),
+    "pointing": (0.5, None),             # the goal is 0.8; nine seeds of the recipe gave 0.40 to 0.80
+    "other_side": (0.65, None),          # films with a lesion in each lung: 0.5 is chance
+    "randomized_ssim": (None, 0.5),      # the maps of the model's initial random weights look unlike its own
+}
+
+
+def unmet(figures: dict) -> dict:
+    """The figures outside their THRESHOLDS."""
+    return {name: round(figures[name], 3) for name, (floor, ceiling) in THRESHOLDS.items()
+            if (floor is not None and figures[name] < floor) or (ceiling is not None and figures[name] >= ceiling)}
+
+
 @pytest.fixture(scope="session")
 def figures(toy_model):
     from attention_map.models.toy import check_toy_model
@@ -21,33 +39,18 @@ def figures(toy_model):
     return result
 
 
-def test_maps_peak_on_the_named_side(figures):
-    assert figures["named_side"] >= 0.85
+@pytest.mark.parametrize("name", THRESHOLDS)
+def test_the_shipped_toy_model_meets_its_threshold(figures, name):
+    assert name not in unmet(figures), (name, figures[name], THRESHOLDS[name])
 
 
-def test_map_energy_is_concentrated_in_the_lesion_box(figures):
-    assert figures["energy_ratio"] >= 3.0      # 1 is a uniform map
-
-
-def test_pointing_game_within_one_patch_cell(figures):
-    assert figures["pointing_cell"] >= 0.4
-
-
-def test_strict_pointing_game(figures):
-    # the goal is 0.8; nine seeds of the recipe gave 0.40 to 0.80 (README, "The toy model")
-    assert figures["pointing"] >= 0.5
-
-
-def test_a_prompt_naming_the_other_lung_moves_the_peak_there(figures):
-    assert figures["other_side"] >= 0.65       # films with a lesion in each lung: 0.5 is chance
-
-
-def test_randomized_weights_give_unrelated_maps(figures):
-    assert figures["randomized_rank_correlation"] < 0.3
-
-
-def test_the_toy_model_retrieves_captions(figures):
-    assert figures["retrieval"] >= 0.6     # 10 captions: chance is 0.1
+@pytest.mark.slow
+def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain):
+    """The recipe, not only the shipped bytes, makes maps that mean something. The retrain (minutes, one thread,
+    beside the other tests: conftest.py) gives weights that differ from the shipped ones in their last bits, as
+    any retrain on another machine or thread count does."""
+    print("retrained toy model on 60 held-out films:", toy_retrain)
+    assert not unmet(toy_retrain), toy_retrain
 
 
 def test_generator_is_deterministic_and_boxes_hold_the_lesion():
@@ -104,14 +107,42 @@ def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     assert forced.returncode == 0 and "step 2/2" in forced.stderr
     retrained = load_file(str(folder / "open_clip_model.safetensors"))
     assert all(torch.equal(weights[name], retrained[name]) for name in weights)   # the same seed, the same bytes
-    # the initial weights are kept beside it for the randomisation check, and differ from the trained ones
-    initial = load_file(str(folder / "random-initial-weights" / "open_clip_model.safetensors"))
+    initial = cli("train-toy-model", tmp_path / "initial", "--steps", "0", "--check-films", "0")
+    assert initial.returncode == 0, initial.stderr
+    initial = load_file(str(tmp_path / "initial" / "open_clip_model.safetensors"))
     assert initial.keys() == weights.keys()
     assert not torch.equal(initial["visual.conv1.weight"], weights["visual.conv1.weight"])
     other_seed = cli("train-toy-model", tmp_path / "seed1", "--steps", "0", "--seed", "1", "--check-films", "0")
     assert other_seed.returncode == 0, other_seed.stderr
     seed1 = load_file(str(tmp_path / "seed1" / "open_clip_model.safetensors"))
     assert not torch.equal(seed1["visual.conv1.weight"], initial["visual.conv1.weight"])
+
+
+def test_the_shipped_toy_model_is_small_and_made_by_the_recipe(toy_model):
+    from attention_map.models.toy import is_current
+
+    assert is_current(toy_model)        # the recipe's steps, seed and films
+    size = sum(path.stat().st_size for path in toy_model.iterdir())
+    assert size <= 5 * 2**20, f"{toy_model} holds {size} bytes"
+
+
+def test_the_toy_tokenizer_splits_the_training_texts_as_open_clips_full_tokenizer(toy_model):
+    """The shipped tokenizer keeps only the merges the captions use; each text must keep its tokens, so that the
+    model's embedding rows are those a full vocabulary trains."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from attention_map.models import load_model
+    from attention_map.models.toy import _vocabulary, training_texts
+
+    _, ids = _vocabulary()
+    model = load_model(str(toy_model), torch.device("cpu"))
+    compact = model.tokenizer(training_texts())
+    full = SimpleTokenizer(context_length=compact.shape[1])(training_texts())
+    assert model.module.token_embedding.num_embeddings == len(ids) < 1000
+    ends = compact.argmax(dim=1)                 # the end-of-text token, the largest id of both vocabularies
+    assert torch.equal(ends, full.argmax(dim=1))
+    for row, end in enumerate(ends.tolist()):
+        assert torch.equal(torch.tensor(ids)[compact[row, :end + 1]], full[row, :end + 1]), training_texts()[row]
 
 
 def test_train_toy_model_on_a_missing_gpu_says_so(tmp_path):

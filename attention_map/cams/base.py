@@ -116,12 +116,13 @@ class BaseCAM(ABC):
 
     def explain(self, pixels: torch.Tensor, prompts: list[str]) -> list[GridMap]:
         """One map per prompt for one image given as the model input (1, 3, H, W)."""
+        self.notes = [""] * len(prompts)   # what a method has to say about a prompt's map (e.g. scores it dropped)
         cams = self.explain_grid(pixels, prompts)
         results = []
-        for cam in cams:
+        for cam, note in zip(cams, self.notes):
             cam = cam.detach().float().cpu().numpy()
-            warning = describe_flat(cam)
-            results.append(GridMap(np.zeros_like(cam) if warning else cam, warning))
+            flat = describe_flat(cam)
+            results.append(GridMap(np.zeros_like(cam) if flat else cam, "; ".join(w for w in (note, flat) if w)))
         return results
 
     @abstractmethod

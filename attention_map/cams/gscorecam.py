@@ -50,11 +50,19 @@ class GScoreCAM(BaseCAM):
         log.debug("%d prompts keep %d channels in all: %d masked forwards", len(prompts), len(union), len(union))
         with torch.inference_mode(), self.times("masked forwards"):
             embeddings = self.masked_embeddings(pixels.detach(), activations, union)
-            all_scores = torch.nan_to_num(self.model.logit_scale.float() * embeddings @ text.T, nan=0.0)  # (U, Q)
+            all_scores = self.model.logit_scale.float() * embeddings @ text.T       # (U, Q)
+            # a masked forward that overflowed (fp16) scores as an unmasked channel would not: taken as 0, and said
+            finite = torch.isfinite(all_scores)
+            all_scores = torch.where(finite, all_scores, torch.zeros_like(all_scores))
             cams = []
             for q in range(len(prompts)):
+                rows = torch.searchsorted(union, kept[q])
                 scores = torch.zeros(channels, device=activations.device)
-                scores[kept[q]] = all_scores[torch.searchsorted(union, kept[q]), q]
+                scores[kept[q]] = all_scores[rows, q]
+                dropped = int((~finite[rows, q]).sum())
+                if dropped:
+                    self.notes[q] = (f"{dropped} of {len(rows)} masked-image scores were not finite at "
+                                     f"PRECISION={self.precision} and were taken as 0")
                 weights = torch.softmax(scores, dim=0)   # over all C channels, as the reference does
                 cams.append(torch.relu((weights[:, None, None] * activations).sum(dim=0)))
         return cams

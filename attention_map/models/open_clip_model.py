@@ -3,6 +3,8 @@
 A local model folder holds `open_clip_config.json`, the weights (`open_clip_model.safetensors` or
 `open_clip_pytorch_model.bin`) and, for a Hugging Face text tower, a text subfolder with the BERT `config.json` and
 tokenizer files; `text_cfg.hf_model_name` and `hf_tokenizer_name` name that subfolder by a path relative to the folder.
+open_clip's own tokenizer may read its byte-pair merges from the folder too (`text_cfg.tokenizer_kwargs.bpe_path`,
+relative to the folder; the toy model's restricted vocabulary).
 """
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ def resolve_local_config(folder: Path) -> dict:
         name = text_cfg.get(key)
         if name and not Path(name).is_absolute() and (folder / name).is_dir():
             text_cfg[key] = str((folder / name).resolve())
+    merges = text_cfg.get("tokenizer_kwargs", {}).get("bpe_path")
+    if merges and not Path(merges).is_absolute():
+        text_cfg["tokenizer_kwargs"]["bpe_path"] = str((folder / merges).resolve())
     return config
 
 
@@ -91,7 +96,7 @@ def _create_from_folder(folder: Path, device: torch.device):
         tokenizer = HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
                                 **text_cfg.get("tokenizer_kwargs", {}))
     else:
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}", **text_cfg.get("tokenizer_kwargs", {}))
     return model, tokenizer, config.get("preprocess_cfg", {}), model_cfg
 
 
