@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     make = commands.add_parser("make-test-model", help="write a model folder with random weights, offline")
     make.add_argument("folder", type=Path)
-    make.add_argument("--arch", choices=("biomedclip", "tiny"), default="tiny")
+    make.add_argument("--arch", choices=("biomedclip", "tiny", "tiny-resnet"), default="tiny")
     make.add_argument("--seed", type=int, default=0)
 
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "

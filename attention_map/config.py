@@ -15,7 +15,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 COLORMAPS = ("jet", "turbo", "inferno", "hot", "custom_purple_red")
-CAM_METHODS = ("gscorecam",)
+# the names of attention_map.cams.CAM_METHODS (not imported: reading a config must not import torch)
+CAM_VERSIONS = ("gScoreCAM", "ScoreCAM", "GradCAM", "GradCAM++", "XGradCAM", "HiResCAM", "LayerCAM", "EigenCAM")
+RENAMED_KEYS = {"CAM_METHOD": "CAM_VERSION"}
 
 
 class ConfigError(ValueError):
@@ -68,7 +70,9 @@ class Settings:
     PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
                           "bf16, fp16; all but fp32 on cuda only", "choice", ("auto", "fp32", "tf32", "bf16", "fp16"))
     # CAM
-    CAM_METHOD: str = _key("gscorecam", "class-activation method", "choice", CAM_METHODS)
+    CAM_VERSION: str = _key("gScoreCAM", "class-activation method (any case): gScoreCAM, ScoreCAM (gScoreCAM over "
+                            "every channel), GradCAM, GradCAM++, XGradCAM, HiResCAM, LayerCAM, EigenCAM",
+                            "choice", CAM_VERSIONS)
     TARGET_LAYER: str = _key("auto", "auto, or a dotted module path such as visual.trunk.blocks[-1].norm1")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
     BATCH_SIZE: int | None = _key(None, "masked images per forward pass (empty: 256 on cuda, 64 on cpu)", "int",
@@ -179,9 +183,10 @@ def _parse_value(name: str, raw: str, where: str):
             raise ValueError(f"{where}: {name}={raw} is above the maximum {meta['high']}")
         return value
     if kind == "choice":
-        if raw not in meta["choices"]:
+        spelled = {choice.lower(): choice for choice in meta["choices"]}   # any case, stored as the choice is written
+        if raw.lower() not in spelled:
             raise ValueError(f"{where}: {name}={raw!r} is not one of {', '.join(meta['choices'])}")
-        return raw
+        return spelled[raw.lower()]
     if kind in ("path", "file", "dir"):
         value = Path(raw).expanduser()
         if kind == "file" and not value.is_file():
@@ -210,7 +215,7 @@ def _is_environment_name(name: str) -> bool:
 
 
 def _unknown_key_message(name: str, where: str) -> str:
-    close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
+    close = [RENAMED_KEYS[name]] if name in RENAMED_KEYS else difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
     hint = (f"; did you mean {close[0]}?" if close else
             "; lower-case names are free for helper variables (environment such as HF_HOME or OMP_* is allowed too)")
     return f"{where}: unknown key {name}{hint}"

@@ -235,7 +235,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
                     progress.other_settings, settings.OUTPUT_DIR)
 
     model = load_model(settings.MODEL, device, offline=settings.OFFLINE)
-    cam = CAM_METHODS[settings.CAM_METHOD](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
+    cam = CAM_METHODS[settings.CAM_VERSION](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
                                            resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
     workers = resolve_workers(settings.WORKERS, device)
     log.info("model %s on %s, %s at %s, batch size %d, %s masked forwards, %d workers", settings.MODEL, device,

@@ -84,5 +84,5 @@ def manifest_row(job: Job, settings: Settings, raw_map: str, warning: str) -> ou
     return outputs.ManifestRow(
         image_path=job.overlay, question=record.question, answer=record.answer, source_image=record.image_path,
         prompt=job.prompt.text, region="" if job.prompt.region is None else str(job.prompt.region),
-        cam_method=settings.CAM_METHOD, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
+        cam_method=settings.CAM_VERSION, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
         raw_map=raw_map, warning=warning, frame="" if job.frame is None else str(job.frame))

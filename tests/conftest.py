@@ -13,12 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
 
-# Retrains the toy model from its recipe on one CPU thread and checks it, writing the figures as JSON to argv[1]
+# Retrains the toy model from its recipe and checks it, writing the figures as JSON to argv[1]
 _RETRAIN = """
-import json, sys, torch
+import json, sys
 from pathlib import Path
 from attention_map.models.toy import check_toy_model, train_toy_model
-torch.set_num_threads(1)
 folder = train_toy_model(Path(sys.argv[1]).parent / "toy")
 Path(sys.argv[1]).write_text(json.dumps(check_toy_model(folder, count=60)))
 """
@@ -28,7 +27,7 @@ _retrain: dict = {}
 def pytest_collection_modifyitems(items):
     """Tests that build the Docker image run last: the build needs many GB of disk for a while, and when a machine
     runs short, the other tests have run on a disk with room. When the toy model's retrain is among the tests, it
-    starts now in a process of its own on one thread, so that its minutes overlap the other tests; its test runs
+    starts now in a process of its own, so that its minutes overlap the other tests; its test runs
     last and waits for it."""
     items.sort(key=lambda item: ("toy_retrain" in getattr(item, "fixturenames", ()),
                                  "docker_image" in getattr(item, "fixturenames", ())))

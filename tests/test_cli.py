@@ -163,3 +163,14 @@ def test_a_bad_image_or_record_costs_only_itself(tmp_path, tiny_model):
     with open(out / "errors.csv", newline="") as handle:
         errors = {(e["row"], e["stage"]) for e in csv.DictReader(handle)}
     assert errors == {("3", "load"), ("4", "load"), ("5", "record:image_path"), ("6", "record:json")}
+
+
+def test_cam_version_picks_the_method_and_the_manifest_says_which(tmp_path, tiny_model, cxr):
+    out = tmp_path / "out"
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}",
+                 f"OUTPUT_DIR={out}", "CAM_VERSION=hirescam", "STOP_AFTER=3", "SAVE_RAW_CAM=true")
+    assert result.returncode == 0, result.stderr
+    assert "HiResCAM at visual.transformer.resblocks[-1].ln_1" in result.stderr
+    assert "0 masked forwards" in result.stdout             # a gradient method: one forward and backward per film
+    rows = read_manifest(out)
+    assert rows and {row["cam_method"] for row in rows} == {"HiResCAM"}

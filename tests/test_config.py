@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,20 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
     assert caught.value.problems == [f"{conf}: unknown key OUTPT_DIR; did you mean OUTPUT_DIR?"]
     with pytest.raises(ConfigError, match="command line: unknown key TOPKK; did you mean TOPK"):
         load_settings(None, {"DATA_FILE": str(tmp_path / "records.jsonl"), "TOPKK": "3"})
+
+
+
+def test_cam_method_of_older_files_points_to_cam_version_whose_values_take_any_case(tmp_path):
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\nCAM_METHOD=gscorecam\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    assert caught.value.problems == [f"{conf}: unknown key CAM_METHOD; did you mean CAM_VERSION?"]
+    data = {"DATA_FILE": str(tmp_path / "records.jsonl")}
+    assert load_settings(None, data)[0].CAM_VERSION == "gScoreCAM"
+    for written, name in (("gradcam++", "GradCAM++"), ("HIRESCAM", "HiResCAM"), ("scoreCAM", "ScoreCAM")):
+        assert load_settings(None, {**data, "CAM_VERSION": written})[0].CAM_VERSION == name
+    with pytest.raises(ConfigError, match=re.escape("CAM_VERSION='GradCAM+' is not one of gScoreCAM, ScoreCAM, GradCAM, ")):
+        load_settings(None, {**data, "CAM_VERSION": "GradCAM+"})
 
 
 def test_every_bad_value_is_reported_one_line_each(tmp_path):

@@ -1,5 +1,5 @@
 """What every CAM method shares: the hook on the target layer, gradients of the image-text score, text
-embeddings cached per prompt, and the release of the hook."""
+embeddings cached per prompt, and the release of the hook; and what the gradient methods share (`GradientCAM`)."""
 from __future__ import annotations
 
 import contextlib
@@ -128,6 +128,24 @@ class BaseCAM(ABC):
     @abstractmethod
     def explain_grid(self, pixels: torch.Tensor, prompts: list[str]) -> list[torch.Tensor]:
         """ReLU'd maps (h, w) on the patch grid, one per prompt."""
+
+
+class GradientCAM(BaseCAM):
+    """A method that combines the target layer's activations with the gradients of the prompt's score: one forward
+    and one backward per prompt, no masked forwards. Subclasses implement `combine`."""
+
+    def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int | None = None):
+        super().__init__(model, target_layer, batch_size, precision)   # TOPK is gScoreCAM's: every channel counts here
+
+    def explain_grid(self, pixels, prompts):
+        with self.times("gradient pass"):
+            text = self.text_embeddings(prompts)
+            activations, gradients = self.activations_and_gradients(pixels, text)
+            return [torch.relu(self.combine(activations, prompt_gradients)) for prompt_gradients in gradients]
+
+    @abstractmethod
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """The map (h, w) before the ReLU, from the activations and one prompt's gradients, both (C, h, w)."""
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class GScoreCAM(BaseCAM):
-    name = "gscorecam"
+    name = "gScoreCAM"
 
     def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int = 300):
         super().__init__(model, target_layer, batch_size, precision)

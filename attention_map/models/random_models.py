@@ -1,8 +1,9 @@
 """Model folders with random weights, built offline, in the same format as a fetched model.
 
 `biomedclip` is BiomedCLIP's exact architecture (timm ViT-B/16 trunk, BERT-base text tower with an MLP projection,
-context 256) with a generated WordPiece vocabulary; `tiny` is a small open_clip ViT with open_clip's own text
-transformer and tokenizer, for fast tests. The same seed writes the same bytes.
+context 256) with a generated WordPiece vocabulary; `tiny` is a small open_clip ViT and `tiny-resnet` a small
+open_clip ModifiedResNet (a CNN, 4 x 4 grid at layer4), both with open_clip's own text transformer and tokenizer, for
+fast tests. The same seed writes the same bytes.
 """
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ ARCHS = {
         "model_cfg": {
             "embed_dim": 64,
             "vision_cfg": {"image_size": 96, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        },
+        "preprocess_cfg": {"mean": list(BIOMEDCLIP_MEAN), "std": list(BIOMEDCLIP_STD)},
+    },
+    "tiny-resnet": {
+        "model_cfg": {
+            "embed_dim": 64,
+            "vision_cfg": {"image_size": 128, "layers": [1, 1, 1, 1], "width": 16},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
         },
         "preprocess_cfg": {"mean": list(BIOMEDCLIP_MEAN), "std": list(BIOMEDCLIP_STD)},

@@ -1,0 +1,20 @@
+"""EigenCAM (Muhammad and Yeasin, IJCNN 2020): the activations projected on their first principal component. It
+uses no gradient, so every prompt of a film gets the same map; the component's sign is the SVD's, as in
+pytorch-grad-cam, so on some films the map shows the complement of what stands out."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import GradientCAM
+
+
+class EigenCAM(GradientCAM):
+    name = "EigenCAM"
+
+    def combine(self, activations, gradients):
+        channels, height, width = activations.shape
+        tokens = activations.reshape(channels, -1).T.cpu().numpy()       # (h * w, C)
+        tokens = tokens - tokens.mean(axis=0)
+        component = np.linalg.svd(tokens, full_matrices=True)[2][0]      # numpy's SVD: the reference's sign
+        return torch.from_numpy(tokens @ component).reshape(height, width).to(activations.device)
