@@ -1,2 +1,15 @@
-"""attention-map: gScoreCAM heatmaps of BiomedCLIP on chest X-rays, with a VQA manifest."""
+"""attention-map: class-activation maps of medical imaging models (BiomedCLIP with gScoreCAM, classifiers with the
+Grad-CAM family) on chest X-rays, as a batch pipeline with a VQA manifest, and as a Python API:
+
+    from attention_map import explain, EpochHeatmaps
+"""
 __version__ = "0.1.0"
+__all__ = ["explain", "EpochHeatmaps"]
+
+
+def __getattr__(name: str):
+    # imported on first use: the pipeline's worker processes import this package and must not load torch
+    if name in __all__:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'attention_map' has no attribute {name!r}")

@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
     make = commands.add_parser("make-test-model", help="write a model folder with random weights, offline")
     make.add_argument("folder", type=Path)
-    make.add_argument("--arch", choices=("biomedclip", "tiny", "tiny-resnet"), default="tiny")
+    make.add_argument("--arch", default="tiny", help="CLIP-like: biomedclip, tiny, tiny-resnet; classifiers: "
+                      "timm-resnet, timm-vit, torchvision-densenet, xrv-densenet, zone-resnet (six zones x 4 classes)")
     make.add_argument("--seed", type=int, default=0)
 
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "
@@ -91,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-test-model":
         from .models.random_models import make_test_model
 
-        folder = make_test_model(args.folder, args.arch, args.seed)
+        try:
+            folder = make_test_model(args.folder, args.arch, args.seed)
+        except ValueError as error:
+            log.error("make-test-model: %s", error)
+            return 2
         log.info("wrote a random-weight %s model to %s (use MODEL=%s)", args.arch, folder, folder)
         return 0
     if args.command == "train-toy-model":

@@ -18,6 +18,18 @@ COLORMAPS = ("jet", "turbo", "inferno", "hot", "custom_purple_red")
 # the names of attention_map.cams.CAM_METHODS (not imported: reading a config must not import torch)
 CAM_VERSIONS = ("gScoreCAM", "ScoreCAM", "GradCAM", "GradCAM++", "XGradCAM", "HiResCAM", "LayerCAM", "EigenCAM")
 RENAMED_KEYS = {"CAM_METHOD": "CAM_VERSION"}
+CLASSIFIER_PREFIXES = ("timm:", "torchvision:", "xrv:")
+CLASSIFIER_CONFIG = "classifier_config.json"   # a local classifier folder (see attention_map.models.classifier)
+
+
+def model_kind(model: str) -> str:
+    """'classifier' (a map explains an output of the model) or 'vision-text' (a map explains a prompt), from MODEL
+    alone, before anything is loaded: the records a run reads depend on it."""
+    if model.startswith(CLASSIFIER_PREFIXES):
+        return "classifier"
+    if (Path(model.removeprefix("local-dir:")).expanduser() / CLASSIFIER_CONFIG).is_file():
+        return "classifier"
+    return "vision-text"
 
 
 class ConfigError(ValueError):
@@ -40,8 +52,8 @@ class Settings:
     # Data
     RESULTS_ROOT: Path = _key(Path("results"), "root of all results; other paths may be written as ${RESULTS_ROOT}/...",
                               "path")
-    DATA_FILE: Path | None = _key(None, "records: GEMeX JSONL/JSON, or CSV with image_path,question,answer[,prompt]",
-                                  "file")
+    DATA_FILE: Path | None = _key(None, "records: GEMeX JSONL/JSON, or CSV with image_path,question,answer[,prompt] "
+                                  "(a classifier's CSV: image_path[,target])", "file")
     IMAGE_ROOT: Path | None = _key(None, "folder the records' image paths are relative to (empty: DATA_FILE's folder)",
                                    "dir", optional=True)
     OUTPUT_DIR: Path = _key(Path("results/default"), "where overlays, vqa_manifest.csv and run_config.conf go",
@@ -65,7 +77,11 @@ class Settings:
     SHARD_COUNT: int | None = _key(None, "shards the images are split into (empty: from the Slurm array, else 1)",
                                    "int", low=1, optional=True)
     # Model
-    MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`)", "model")
+    MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`); a "
+                      "classifier: timm:<name>, torchvision:<name>, xrv:<weights name> or a folder with "
+                      f"{CLASSIFIER_CONFIG}", "model")
+    MODEL_WEIGHTS: Path | None = _key(None, "a classifier's weights: a state_dict or a checkpoint holding one (.pt, "
+                                      ".pth, .safetensors); empty: the library's own weights", "file", optional=True)
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
     PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
                           "bf16, fp16; all but fp32 on cuda only", "choice", ("auto", "fp32", "tf32", "bf16", "fp16"))
@@ -73,7 +89,15 @@ class Settings:
     CAM_VERSION: str = _key("gScoreCAM", "class-activation method (any case): gScoreCAM, ScoreCAM (gScoreCAM over "
                             "every channel), GradCAM, GradCAM++, XGradCAM, HiResCAM, LayerCAM, EigenCAM",
                             "choice", CAM_VERSIONS)
-    TARGET_LAYER: str = _key("auto", "auto, or a dotted module path such as visual.trunk.blocks[-1].norm1")
+    FALLBACK_CAM: str | None = _key(None, "method used for an item where CAM_VERSION cannot run (the manifest says "
+                                    "so); empty: the item fails into errors.csv", "choice", CAM_VERSIONS,
+                                    optional=True)
+    TARGET_LAYER: str = _key("auto", "auto (the last spatial layer found by a dry forward; a ViT's last block's "
+                             "norm1), or a dotted module path such as visual.trunk.blocks[-1].norm1")
+    TARGETS: tuple = _key((), "a classifier's outputs to explain, comma-separated indices or names; empty: the "
+                          "predicted class, or every output named by TARGET_NAMES", "list")
+    TARGET_NAMES: tuple = _key((), "names of a classifier's outputs in order (of the zones of a [batch, zones, classes] "
+                               "output), e.g. right_sup,left_sup,right_mid,left_mid,right_inf,left_inf", "list")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
     BATCH_SIZE: int | None = _key(None, "masked images per forward pass (empty: 256 on cuda, 64 on cpu)", "int",
                                   low=1, optional=True)
@@ -132,6 +156,8 @@ def _format(value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
     return str(value)
 
 
@@ -161,6 +187,8 @@ def _parse_value(name: str, raw: str, where: str):
     meta = KEYS[name].metadata
     kind = meta["kind"]
     raw = raw.strip()
+    if kind == "list":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     if raw == "":
         if meta["optional"]:
             return None
@@ -195,11 +223,12 @@ def _parse_value(name: str, raw: str, where: str):
             raise ValueError(f"{where}: {name}={raw} does not exist or is not a folder")
         return value
     if kind == "model":
-        if not raw.startswith("hf-hub:"):
+        if not raw.startswith(("hf-hub:",) + CLASSIFIER_PREFIXES):
             local = Path(raw.removeprefix("local-dir:")).expanduser()
-            if not (local / "open_clip_config.json").is_file():
-                raise ValueError(f"{where}: MODEL={raw} is neither hf-hub:<id> nor a model folder with "
-                                 f"open_clip_config.json (make one with `attention-map fetch-model`)")
+            if not any((local / name).is_file() for name in ("open_clip_config.json", CLASSIFIER_CONFIG)):
+                raise ValueError(f"{where}: MODEL={raw} is none of hf-hub:<id>, {', '.join(CLASSIFIER_PREFIXES)}<name> "
+                                 f"or a model folder with open_clip_config.json or {CLASSIFIER_CONFIG} (make one with "
+                                 f"`attention-map fetch-model` or `make-test-model`)")
         return raw
     return raw
 
@@ -268,6 +297,10 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
     settings = Settings(**typed)
     if settings.DATA_FILE is None and "DATA_FILE" not in raw:
         problems.append(f"{conf or 'command line'}: DATA_FILE is not set")
+    if model_kind(settings.MODEL) == "vision-text":
+        where = {name: raw[name][1] for name in ("MODEL_WEIGHTS", "TARGETS", "TARGET_NAMES") if name in raw}
+        problems += [f"{where[name]}: {name} applies to classifiers; MODEL={settings.MODEL} is CLIP-like (its maps "
+                     f"explain the records' prompts)" for name in where if getattr(settings, name)]
     if problems:
         raise ConfigError(problems)
     if settings.IMAGE_ROOT is None:

@@ -7,36 +7,39 @@ This module imports no torch, so worker processes that only run `finish` start f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 
 from . import outputs
 from .config import Settings
 from .images import Film, ImageError
-from .maps import grid_to_image
-from .plan import Job
+from .maps import CAMError, grid_to_image
+from .plan import Job, Made
 from .postprocess import CRFParams, apply_mask, body_mask, crf_refine
 from .render import overlay, raw_map_16bit
 from .timing import StageTimes
 
 
-def truncation_warning(model, prompt: str) -> str:
-    tokens = model.count_tokens(prompt)
-    if tokens <= model.context_length:
-        return ""
-    return f"prompt truncated to the model's {model.context_length} tokens ({tokens - model.context_length} dropped)"
-
-
-def explain(model, cam, film: Film, jobs: list[Job]) -> tuple[list, list[str]]:
-    """The film's maps on the patch grid, one per job, and each one's warnings so far (what the reader assumed,
-    flat map, truncated prompt).
+def explain(model, cam, film: Film, jobs: list[Job], fallback=None) -> tuple[list, list[Made]]:
+    """The film's maps on the patch grid, one per job, and how each was made (method, target, score, warnings so
+    far: what the reader assumed, flat map, truncated prompt). Where `cam` cannot run for this film (CAMError) the
+    `fallback` method makes the maps, and their warning says so.
 
     Raises StageError("cam")."""
+    names = [job.prompt.text for job in jobs]
     with _stage("cam"):
-        grid_maps = cam.explain(model.prepare(film.pixels), [job.prompt.text for job in jobs])
-    warnings = ["; ".join(w for w in (film.warning, grid_map.warning, truncation_warning(model, job.prompt.text))
-                          if w)
-                for job, grid_map in zip(jobs, grid_maps)]
-    return [grid_map.cam for grid_map in grid_maps], warnings
+        pixels = model.prepare(film.pixels)
+        try:
+            grid_maps, method, why = cam.explain(pixels, names), cam.name, ""
+        except CAMError as error:
+            if fallback is None:
+                raise
+            grid_maps, method = fallback.explain(pixels, names), fallback.name
+            why = f"made by FALLBACK_CAM={fallback.name}: {cam.name} could not run ({error})"
+    made = [Made(method, grid_map.target, grid_map.score,
+                 "; ".join(w for w in (film.warning, why, grid_map.warning, model.note(name)) if w))
+            for name, grid_map in zip(names, grid_maps)]
+    return [grid_map.cam for grid_map in grid_maps], made
 
 
 def crf_params(settings: Settings) -> CRFParams:
@@ -45,10 +48,10 @@ def crf_params(settings: Settings) -> CRFParams:
                      settings.CRF_BILATERAL_COMPAT)
 
 
-def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, warnings: list[str]):
+def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: list[Made]):
     """Body mask, CRF, colour map and PNGs of one film's maps.
 
-    Returns ((job, raw map name, warning) per heatmap written, seconds per stage). Raises StageError naming the
+    Returns ((job, raw map name, Made with every warning) per heatmap written, seconds per stage). Raises StageError naming the
     stage (post, write) that failed, with the heatmaps written before it. Arguments and results are plain data,
     so this runs as well in a worker process as in the caller's."""
     times, crf = StageTimes(), crf_params(settings)
@@ -57,8 +60,8 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, warnings:
         with _stage("post"), times("body mask"):
             mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
         height, width = film.shape
-        for job, grid_map, warning in zip(jobs, grid_maps, warnings):
-            notes = [warning]
+        for job, grid_map, how in zip(jobs, grid_maps, made):
+            notes = [how.warning]
             with _stage("post"):
                 with times("render"):
                     heat = grid_to_image(grid_map, (width, height))
@@ -77,7 +80,7 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, warnings:
                     raw_name = outputs.raw_map_name(job.overlay)
                     outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
                 outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
-            written.append((job, raw_name, "; ".join(n for n in notes if n)))
+            written.append((job, raw_name, dataclasses.replace(how, warning="; ".join(n for n in notes if n))))
     except StageError as error:
         error.written = written
         raise

@@ -5,6 +5,11 @@ import cv2
 import numpy as np
 
 
+class CAMError(RuntimeError):
+    """A method cannot make a map for this input (no gradient reaches the target layer, an output it cannot read);
+    FALLBACK_CAM, where set, stands in. Here, not with the methods, so the torch-free pipeline stages know it."""
+
+
 def scale_to_unit(cam: np.ndarray) -> np.ndarray:
     """(x - min) / (max + 1e-8) after the shift, as the reference does; a constant map becomes all zero."""
     shifted = cam - cam.min()

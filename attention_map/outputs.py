@@ -34,12 +34,14 @@ class ManifestRow:
     raw_map: str         # 16-bit map relative to OUTPUT_DIR, when SAVE_RAW_CAM=true
     warning: str
     frame: str = ""      # the frame explained, of a multi-frame DICOM (0-based); empty for a single image
+    target: str = ""     # what the map explains: the prompt, or the classifier output's name or index
+    score: str = ""      # the model's score for the target on the film (CLIP: logit_scale * cosine; else the output)
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
     """A path component made of letters, digits, '.', '_' and '-' only, and never '.' or '..'."""
     text = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
     return "_" if text.strip(".") == "" else text
@@ -66,10 +68,20 @@ def relative_image_path(image_path: str, image_root: Path, allow_outside: bool =
 def overlay_name(relative: PurePosixPath, q_id: str, region: int | None, frame: int | None = None) -> str:
     """`<path without extension>_idx<q_id>[_r<j>][_f<frame>].png`, relative to OUTPUT_DIR; no part can be '..' or
     absolute. The frame is named only where every frame of a multi-frame object gets its own map."""
-    parts = [_safe(p) for p in relative.parent.parts if p not in ("", ".", "/")]
-    stem = (f"{_safe(relative.stem)}_idx{_safe(q_id)}" + ("" if region is None else f"_r{region}")
-            + ("" if frame is None else f"_f{frame}"))
-    return str(PurePosixPath(*parts, stem + ".png")) if parts else stem + ".png"
+    return _beside(relative, f"_idx{safe_name(q_id)}" + ("" if region is None else f"_r{region}")
+                   + ("" if frame is None else f"_f{frame}"))
+
+
+def target_overlay_name(relative: PurePosixPath, target: str, frame: int | None = None) -> str:
+    """A classifier's map: `<path without extension>_<target>[_f<frame>].png` ('predicted' for the predicted class)."""
+    return _beside(relative, f"_{safe_name(target or 'predicted')}" + ("" if frame is None else f"_f{frame}"))
+
+
+def _beside(relative: PurePosixPath, suffix: str) -> str:
+    """The film's relative path without its extension, plus `suffix` and .png, every part made safe."""
+    parts = [safe_name(p) for p in relative.parent.parts if p not in ("", ".", "/")]
+    stem = safe_name(relative.stem) + suffix + ".png"
+    return str(PurePosixPath(*parts, stem)) if parts else stem
 
 
 def raw_map_name(overlay: str) -> str:

@@ -24,7 +24,7 @@ from . import heatmaps
 from .heatmaps import StageError
 from .images import ImageError, read_film
 from .models import ModelLoadError, load_model
-from .plan import Job, Source, manifest_row, plan_jobs
+from .plan import Job, Made, Source, manifest_row, plan_jobs
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         log.warning("PRECISION=bf16: this GPU has no bf16; running fp16")
         return "fp16"
     return precision
+
+
+def make_cam(name: str, model, settings: Settings, device: torch.device):
+    """The CAM method `name` on `model` with the run's layer, batch size, precision and TOPK."""
+    return CAM_METHODS[name](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
+                             resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
+
+
+def check_targets(model, targets: tuple[str, ...]) -> None:
+    """Every name in TARGETS is an output of the model, before any film is read."""
+    problems = [f"TARGETS: {reason}" for reason in map(model.check_target, targets) if reason]
+    if problems:
+        raise ConfigError(problems)
+
+
+def drop_unknown_targets(model, todo: dict[Source, list[Job]], errors: list) -> dict[Source, list[Job]]:
+    """The jobs whose target the model has (a record's own target may not be); the others go to `errors`, each
+    on its own, so that they cost no other map of their film."""
+    reasons = {name: model.check_target(name) for name in {job.prompt.text for jobs in todo.values() for job in jobs}}
+    kept = {}
+    for source, jobs in todo.items():
+        for job in jobs:
+            if reasons[job.prompt.text]:
+                errors.append((str(job.prompt.record.line), job.prompt.record.image_path, "record:target",
+                               reasons[job.prompt.text]))
+        if any(not reasons[job.prompt.text] for job in jobs):
+            kept[source] = [job for job in jobs if not reasons[job.prompt.text]]
+    return kept
 
 
 def _check_earlier_run(settings: Settings) -> None:
@@ -193,7 +221,9 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, se
         if all(finished):
             for job, entry in zip(jobs, finished):
                 job = dataclasses.replace(job, frame=entry.get("frame"))
-                rows[job.index] = manifest_row(job, settings, entry["raw_map"], entry["warning"])
+                made = Made(entry.get("method", settings.CAM_VERSION), entry.get("target", job.prompt.text),
+                            entry.get("score", float("nan")), entry["warning"])
+                rows[job.index] = manifest_row(job, entry["raw_map"], made)
         else:
             todo[film] = jobs
     return todo
@@ -234,12 +264,15 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         log.warning("%d heatmaps in %s were made with other settings and are made again",
                     progress.other_settings, settings.OUTPUT_DIR)
 
-    model = load_model(settings.MODEL, device, offline=settings.OFFLINE)
-    cam = CAM_METHODS[settings.CAM_VERSION](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
-                                           resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
+    model = load_model(settings.MODEL, device, settings.OFFLINE, settings.MODEL_WEIGHTS, settings.TARGET_NAMES)
+    check_targets(model, settings.TARGETS)
+    todo = drop_unknown_targets(model, todo, summary.errors)
+    cam, fallback = (make_cam(name, model, settings, device) if name else None
+                     for name in (settings.CAM_VERSION, settings.FALLBACK_CAM))
     workers = resolve_workers(settings.WORKERS, device)
-    log.info("model %s on %s, %s at %s, batch size %d, %s masked forwards, %d workers", settings.MODEL, device,
-             cam.name, cam.target_layer, cam.batch_size, cam.precision, workers)
+    log.info("model %s on %s, %s at %s%s, batch size %d, %s masked forwards, %d workers", settings.MODEL, device,
+             cam.name, cam.target_layer, f" (FALLBACK_CAM={fallback.name})" if fallback else "", cam.batch_size,
+             cam.precision, workers)
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
     settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -248,16 +281,18 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     (settings.OUTPUT_DIR / outputs.MANIFEST).unlink(missing_ok=True)   # present only when every shard is done
     progress.open()
 
-    def written(job: Job, raw_name: str, warning: str) -> None:
-        progress.add(job.overlay, job.prompt.text, warning, raw_name, job.frame)
-        rows[job.index] = manifest_row(job, settings, raw_name, warning)
+    def written(job: Job, raw_name: str, made: Made) -> None:
+        progress.add(job.overlay, job.prompt.text, raw_name, job.frame, made)
+        rows[job.index] = manifest_row(job, raw_name, made)
         summary.heatmaps += 1
-        if warning:
+        if made.warning:
             summary.warnings += 1
-            log.warning("%s (%s): %s", job.overlay, job.prompt.text, warning)
+            log.warning("%s (%s): %s", job.overlay, job.prompt.text, made.warning)
 
     times = StageTimes(torch.cuda.synchronize if device.type == "cuda" else None)
-    cam.times = times
+    for method in (cam, fallback):
+        if method is not None:
+            method.times = times
     pool = _post_pool(workers)
     pending: deque = deque()   # (film, jobs, future of heatmaps.finish), in input order
     bar = tqdm(total=len(todo), unit="img", desc="heatmaps", dynamic_ncols=True)
@@ -301,12 +336,12 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
                 if load_error is not None:
                     raise StageError.of("load", load_error)
                 jobs = [dataclasses.replace(job, frame=film.frame) for job in jobs]   # first/middle, resolved
-                grid_maps, warnings = heatmaps.explain(model, cam, film, jobs)
+                grid_maps, made = heatmaps.explain(model, cam, film, jobs, fallback)
             except StageError as error:
                 failed(image_path, jobs, error)
                 bar.update(1)
             else:
-                task = (heatmaps.finish, settings, film.pixels, jobs, grid_maps, warnings)
+                task = (heatmaps.finish, settings, film.pixels, jobs, grid_maps, made)
                 try:
                     future = _submit(pool, *task)
                 except BrokenProcessPool:   # a worker died: the films in flight fail (see collect), a new pool goes on
@@ -331,6 +366,6 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         shards.write_shard(settings.OUTPUT_DIR, shard, rows, summary.errors)
         if shard.count == 1:
             shards.merge(settings.OUTPUT_DIR, 1)
-    summary.masked_forwards = cam.masked_forwards
+    summary.masked_forwards = cam.masked_forwards + (fallback.masked_forwards if fallback else 0)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import outputs
-from .config import Settings
+from .config import Settings, model_kind
 from .images import frame_count
-from .records import Prompt, prompts_of, read_records
+from .records import CLASSIFIER_CSV_COLUMNS, REQUIRED_CSV_COLUMNS, Prompt, prompts_of, read_records, targets_of
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,12 @@ def _frames(path: Path, dicom_frame: str) -> list[int | str]:
 
 
 def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
-    """The heatmaps of the run grouped by film, films in first-seen order, at most STOP_AFTER files."""
-    records, record_errors = read_records(settings.DATA_FILE)
+    """The heatmaps of the run grouped by film, films in first-seen order, at most STOP_AFTER files. A CLIP-like
+    model gets one per prompt (PROMPT_SOURCE), a classifier one per target (the record's, TARGETS or TARGET_NAMES)."""
+    classifier = model_kind(settings.MODEL) == "classifier"
+    key = "target" if classifier else "q_id"   # what tells two maps of one film apart
+    records, record_errors = read_records(settings.DATA_FILE,
+                                          CLASSIFIER_CSV_COLUMNS if classifier else REQUIRED_CSV_COLUMNS)
     errors.extend((str(e.line), e.image_path, f"record:{e.field}", e.reason) for e in record_errors)
     groups: dict[Source, list[Job]] = {}
     frames_of: dict[Path, list[int | str]] = {}   # files in first-seen order, with the frames each gives
@@ -62,15 +66,18 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
             if settings.STOP_AFTER is not None and len(frames_of) >= settings.STOP_AFTER:
                 continue
             frames_of[path] = _frames(path, settings.DICOM_FRAME)
-        for prompt in prompts_of(record, settings.PROMPT_SOURCE):
-            if not prompt.text.strip():
+        asks = (targets_of(record, settings.TARGETS, settings.TARGET_NAMES) if classifier
+                else prompts_of(record, settings.PROMPT_SOURCE))
+        for prompt in asks:
+            if not classifier and not prompt.text.strip():
                 errors.append((str(record.line), record.image_path, "record:question", "empty prompt"))
                 continue
             for frame in frames_of[path]:
                 number = frame if isinstance(frame, int) else None
-                name = outputs.overlay_name(relative, record.q_id, prompt.region, number)
+                name = (outputs.target_overlay_name(relative, prompt.text, number) if classifier
+                        else outputs.overlay_name(relative, record.q_id, prompt.region, number))
                 if name in taken:
-                    errors.append((str(record.line), record.image_path, "record:q_id",
+                    errors.append((str(record.line), record.image_path, f"record:{key}",
                                    f"output {name} is already made by the record on line {taken[name]}"))
                     break
                 taken[name] = record.line
@@ -79,10 +86,21 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
     return groups
 
 
-def manifest_row(job: Job, settings: Settings, raw_map: str, warning: str) -> outputs.ManifestRow:
+@dataclass(frozen=True)
+class Made:
+    """How a heatmap was made, for its manifest row: the method (FALLBACK_CAM's where it stood in), what the map
+    explains and the model's score for it, and the warnings."""
+    method: str
+    target: str
+    score: float
+    warning: str = ""
+
+
+def manifest_row(job: Job, raw_map: str, made: Made) -> outputs.ManifestRow:
     record = job.prompt.record
     return outputs.ManifestRow(
         image_path=job.overlay, question=record.question, answer=record.answer, source_image=record.image_path,
         prompt=job.prompt.text, region="" if job.prompt.region is None else str(job.prompt.region),
-        cam_method=settings.CAM_VERSION, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
-        raw_map=raw_map, warning=warning, frame="" if job.frame is None else str(job.frame))
+        cam_method=made.method, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
+        raw_map=raw_map, warning=made.warning, frame="" if job.frame is None else str(job.frame),
+        target=made.target, score=f"{made.score:.6g}")

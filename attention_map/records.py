@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED_CSV_COLUMNS = ("image_path", "question", "answer")
+CLASSIFIER_CSV_COLUMNS = ("image_path",)   # a classifier needs no question; an optional `target` column
 
 
 class DataFileError(ValueError):
@@ -24,11 +25,12 @@ class Record:
     prompt: str = ""          # CSV only: an explicit prompt that replaces the question
     regions: tuple[str, ...] = ()
     choices: str = ""         # JSON text of the choices list, when the record has one
+    target: str = ""          # a classifier's output to explain (index or name); empty: TARGETS decides
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One heatmap to make: a record and the text the model is asked about."""
+    """One heatmap to make: a record and what the model is asked about (a prompt, or a classifier's target)."""
     record: Record
     text: str
     region: int | None = None   # index into record.regions for a region prompt
@@ -72,7 +74,8 @@ def _from_mapping(item: dict, line: int, index: int) -> Record:
         raise ValueError("visual_regions", "must be a list of region names")
     return Record(line=line, image_path=image_path.strip(), question=question, answer=_as_text(item.get("answer")),
                   q_id=q_id_of(item, index), row_id=_as_text(item.get("row_id")), prompt=_as_text(item.get("prompt")).strip(),
-                  regions=tuple(regions), choices=_as_text(item.get("choices")) if item.get("choices") else "")
+                  regions=tuple(regions), choices=_as_text(item.get("choices")) if item.get("choices") else "",
+                  target=_as_text(item.get("target")).strip())
 
 
 def _undecodable_field(item: dict) -> tuple[str, int] | None:
@@ -118,27 +121,27 @@ def _json_lines(path: Path):
                 yield number, RecordError(number, "", "json", f"not valid JSON ({error.msg} at column {error.colno})")
 
 
-def _csv_rows(path: Path):
+def _csv_rows(path: Path, required: tuple[str, ...]):
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise DataFileError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                                f"(a CSV needs {','.join(REQUIRED_CSV_COLUMNS)})")
+                                f"(a CSV needs {','.join(required)})")
         line = reader.line_num
         for row in reader:
             yield line + 1, row
             line = reader.line_num
 
 
-def read_items(path: Path) -> list[tuple[int, object]]:
+def read_items(path: Path, required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> list[tuple[int, object]]:
     """(line, item) for every item of `path` in file order: a dict per CSV row or JSON object, a RecordError for a
     JSONL line that is not JSON. Raises DataFileError when the file as a whole is unreadable (encoding, CSV header,
     JSON syntax of a list)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".csv":
-            return list(_csv_rows(path))
+            return list(_csv_rows(path, required))
         if path.suffix.lower() == ".json":
             text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
             if text.lstrip().startswith("["):
@@ -152,12 +155,13 @@ def read_items(path: Path) -> list[tuple[int, object]]:
         raise DataFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
-def read_records(path: Path) -> tuple[list[Record], list[RecordError]]:
-    """All usable records of `path`, in file order, and the records that cannot be used.
+def read_records(path: Path, required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> tuple[list[Record], list[RecordError]]:
+    """All usable records of `path`, in file order, and the records that cannot be used; a CSV must have the
+    `required` columns.
 
     Raises DataFileError when the file as a whole is unreadable (see read_items).
     """
-    return _records_from_items(read_items(path), Path(path))
+    return _records_from_items(read_items(path, required), Path(path))
 
 
 def prompts_of(record: Record, source: str) -> list[Prompt]:
@@ -168,3 +172,10 @@ def prompts_of(record: Record, source: str) -> list[Prompt]:
     if source in ("regions", "both"):
         prompts.extend(Prompt(record, name, j) for j, name in enumerate(record.regions))
     return prompts
+
+
+def targets_of(record: Record, targets: tuple[str, ...], target_names: tuple[str, ...]) -> list[Prompt]:
+    """The heatmaps a record asks of a classifier: its own `target`, else TARGETS, else every output TARGET_NAMES
+    names, else the class the model predicts ('')."""
+    chosen = [record.target] if record.target else list(targets) or list(target_names) or [""]
+    return [Prompt(record, target) for target in chosen]

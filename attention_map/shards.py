@@ -132,9 +132,11 @@ class Progress:
         outputs.write_atomic(self.path, b"".join(_line(e) for e in kept))
         self._handle = open(self.path, "ab")
 
-    def add(self, overlay: str, prompt: str, warning: str, raw_map: str, frame: int | None = None) -> None:
-        entry = dict(overlay=overlay, prompt=prompt, warning=warning, raw_map=raw_map, frame=frame,
-                     settings=self.fingerprint)
+    def add(self, overlay: str, prompt: str, raw_map: str, frame: int | None, made) -> None:
+        """`made`: a plan.Made (method, target, score, warning), kept so that a resumed run's manifest row is the
+        same as an uninterrupted run's."""
+        entry = dict(overlay=overlay, prompt=prompt, warning=made.warning, raw_map=raw_map, frame=frame,
+                     method=made.method, target=made.target, score=made.score, settings=self.fingerprint)
         self.entries[overlay] = entry
         self._handle.write(_line(entry))
         self._handle.flush()

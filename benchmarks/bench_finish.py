@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from attention_map import heatmaps  # noqa: E402
 from attention_map.config import load_settings  # noqa: E402
 from attention_map.maps import grid_to_image  # noqa: E402
-from attention_map.plan import Job  # noqa: E402
+from attention_map.plan import Job, Made  # noqa: E402
 from attention_map.postprocess import apply_mask, body_mask, crf_refine  # noqa: E402
 from attention_map.render import colormap_lut, raw_map_16bit  # noqa: E402
 from attention_map.timing import StageTimes  # noqa: E402
@@ -97,7 +97,8 @@ def main() -> None:
                                             settings.ALPHA).seconds.items():
             totals["a"].add(stage, seconds)
         jobs = [Job(q, None, f"f{index}_{q}.png") for q in range(args.prompts)]
-        _, seconds_by_stage = heatmaps.finish(settings, film, jobs, film_grids, [""] * len(jobs))
+        made = [Made("gScoreCAM", "", 0.0)] * len(jobs)
+        _, seconds_by_stage = heatmaps.finish(settings, film, jobs, film_grids, made)
         for stage, seconds in seconds_by_stage.items():
             totals["b"].add(stage, seconds)
     stages = ("body mask", "render", "png write")

@@ -1,5 +1,5 @@
-"""What every CAM method shares: the hook on the target layer, gradients of the image-text score, text
-embeddings cached per prompt, and the release of the hook; and what the gradient methods share (`GradientCAM`)."""
+"""What every CAM method shares: the hook on the target layer, the gradients of each target's score, batched
+forwards, and the release of the hook; and what the gradient methods share (`GradientCAM`)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..maps import describe_flat
-from ..models.base import VisionTextModel
+from ..maps import CAMError, describe_flat
+from ..models.base import ModelAdapter
 from ..timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -19,40 +19,43 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GridMap:
-    """One prompt's map on the model's patch grid, before resizing to the film, and why it is empty if it is."""
+    """One target's map on the model's patch grid, before resizing to the film, why it is empty if it is, what it
+    explains and the model's score for it on the input."""
     cam: np.ndarray          # (h, w) float32, >= 0
     warning: str = ""
+    target: str = ""
+    score: float = float("nan")
 
 
 class BaseCAM(ABC):
-    """A class-activation method for a CLIP-like model. Subclasses implement `explain_grid`."""
+    """A class-activation method for any model adapter. Subclasses implement `explain_grid`."""
 
     name = "base"
+    needs_gradients = True   # False: the method weights the activations alone, and the backward is skipped
 
-    def __init__(self, model: VisionTextModel, target_layer: str = "auto", batch_size: int = 64,
+    def __init__(self, model: ModelAdapter, target_layer: str = "auto", batch_size: int = 64,
                  precision: str = "fp32"):
         self.model = model
         self.target_layer = model.default_target_layer() if target_layer == "auto" else target_layer
         self.layer = model.find_module(self.target_layer)
         self.batch_size = batch_size
         self.precision = precision   # of the masked forwards: fp32, tf32, bf16 or fp16 (the last three on CUDA)
-        self._text_cache: dict[str, torch.Tensor] = {}
         self.masked_forwards = 0   # image forwards made on masked inputs, for the run's summary
         self.times = StageTimes()  # the run replaces it with its own, to report seconds per stage
         self._oom_reported = False
 
     def forward_in_batches(self, count: int, make_batch) -> torch.Tensor:
-        """encode_image over `make_batch(start, stop)` for start in 0..count by BATCH_SIZE, concatenated.
+        """The model's outputs for `make_batch(start, stop)` for start in 0..count by BATCH_SIZE, concatenated.
 
         On CUDA out-of-memory the batch size is halved for the rest of the run and the batch retried; at batch
         size 1 the error goes to the caller (the item fails).
         """
-        embeddings, start = [], 0
+        outputs, start = [], 0
         while start < count:
             stop = min(start + self.batch_size, count)
             try:
                 with self.fast_math():
-                    embeddings.append(self.model.encode_image(make_batch(start, stop)).float())
+                    outputs.append(self.model.forward(make_batch(start, stop)).float())
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
@@ -64,7 +67,7 @@ class BaseCAM(ABC):
                     torch.cuda.empty_cache()
                 continue
             start = stop
-        return torch.cat(embeddings)
+        return torch.cat(outputs)
 
     def fast_math(self):
         """The masked forwards' arithmetic: bf16/fp16 autocast, or fp32 matrix products on TF32 tensor cores."""
@@ -74,18 +77,6 @@ class BaseCAM(ABC):
         if self.precision == "tf32":
             return _matmul_precision("high")
         return contextlib.nullcontext()
-
-    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """(Q, D) embeddings in fp32; each distinct prompt is encoded once for the whole run.
-
-        Prompts are encoded one at a time: an embedding then does not depend on which other prompts shared its
-        batch, so a resumed run reproduces an uninterrupted one bit for bit. Text is cheap next to k image forwards.
-        """
-        for prompt in dict.fromkeys(prompts):
-            if prompt not in self._text_cache:
-                with torch.inference_mode():
-                    self._text_cache[prompt] = self.model.encode_text([prompt]).float()[0]
-        return torch.stack([self._text_cache[p] for p in prompts])
 
     @contextlib.contextmanager
     def _capture(self):
@@ -97,55 +88,102 @@ class BaseCAM(ABC):
         finally:
             handle.remove()
 
-    def activations_and_gradients(self, pixels: torch.Tensor, text: torch.Tensor):
-        """One forward of the image and one backward per prompt of the scaled cosine score, in fp32 always.
+    def activations_and_gradients(self, pixels: torch.Tensor, names: list[str]):
+        """One forward of a batch of B inputs and one backward per target, in fp32 always.
 
-        Returns the activations (C, h, w) and the gradients (Q, C, h, w) on the patch grid. The map is a sum of these
+        Returns the activations (B, C, h, w) and the gradients (B, Q, C, h, w) on the patch grid, the targets of each
+        input (what depends on the input, such as the predicted class, is fixed by its own outputs) and their scores
+        (B, Q). The first input's labels and scores are kept for `explain`. Inputs do not mix in eval mode, so the
+        gradient of a target's scores summed over the batch is each input's own. The map is a sum of these
         activations, which can nearly cancel, so they are not autocast: one forward per film is cheap next to the
         masked forwards, which are.
         """
         with self._capture() as store, torch.enable_grad():
-            image = self.model.encode_image(pixels.detach().clone().requires_grad_(True))
-            scores = self.model.logit_scale * image.float() @ text.T        # (1, Q)
-            output = store["out"]
-            gradients = [torch.autograd.grad(scores[0, q], output, retain_graph=q < len(text) - 1)[0]
-                         for q in range(len(text))]
-        activations = self.model.activations_to_grid(output.detach().float())[0]
-        gradients = self.model.activations_to_grid(torch.cat(gradients).float())
-        return activations, gradients
+            outputs = self.model.forward(pixels.detach().clone().requires_grad_(True))
+            targets = [self.model.targets(names, outputs[i:i + 1].detach()) for i in range(len(pixels))]
+            scores = torch.cat([t.score(outputs[i:i + 1]) for i, t in enumerate(targets)])   # (B, Q)
+            output = store.get("out")
+            if not isinstance(output, torch.Tensor):
+                raise CAMError(f"TARGET_LAYER={self.target_layer} " + ("did not run in the model's forward"
+                               if output is None else f"gives a {type(output).__name__}, not a tensor"))
+            gradients = self._gradients(scores, output, targets[0].labels) if self.needs_gradients else None
+        self.labels, self.scores = targets[0].labels, scores[0].detach().float().cpu().tolist()
+        try:
+            activations = self.model.activations_to_grid(output.detach().float())
+            gradients = (torch.stack([self.model.activations_to_grid(g.float()) for g in gradients], dim=1)
+                         if gradients is not None else
+                         torch.zeros(len(pixels), len(names), *activations.shape[1:], device=activations.device))
+        except ValueError as error:
+            raise CAMError(f"TARGET_LAYER={self.target_layer}: {error}") from None
+        return activations, gradients, targets, scores.detach()
 
-    def explain(self, pixels: torch.Tensor, prompts: list[str]) -> list[GridMap]:
-        """One map per prompt for one image given as the model input (1, 3, H, W)."""
-        self.notes = [""] * len(prompts)   # what a method has to say about a prompt's map (e.g. scores it dropped)
-        cams = self.explain_grid(pixels, prompts)
-        results = []
-        for cam, note in zip(cams, self.notes):
-            cam = cam.detach().float().cpu().numpy()
-            flat = describe_flat(cam)
-            results.append(GridMap(np.zeros_like(cam) if flat else cam, "; ".join(w for w in (note, flat) if w)))
-        return results
+    def _gradients(self, scores: torch.Tensor, output: torch.Tensor, labels: list[str]) -> list[torch.Tensor]:
+        """The gradient of each target's scores (B, Q) at the target layer's output; CAMError where none reaches."""
+        if not output.requires_grad:
+            raise CAMError(f"no gradient reaches TARGET_LAYER={self.target_layer} (its output is not a tensor that "
+                           f"depends on the input through differentiable operations)")
+        gradients = []
+        for q, label in enumerate(labels):
+            gradient = torch.autograd.grad(scores[:, q].sum(), output, retain_graph=q < len(labels) - 1,
+                                           allow_unused=True)[0]
+            if gradient is None:
+                raise CAMError(f"the score of {label!r} does not depend on TARGET_LAYER={self.target_layer}")
+            gradients.append(gradient)
+        return gradients
+
+    def explain(self, pixels: torch.Tensor, names: list[str]) -> list[GridMap]:
+        """One map per target name (a prompt, a class) for one input given as the model input (1, C, H, W)."""
+        self.notes = [""] * len(names)   # what a method has to say about a target's map (e.g. scores it dropped)
+        self.labels, self.scores = list(names), [float("nan")] * len(names)   # set by activations_and_gradients
+        return grid_maps(self.explain_grid(pixels, names), self.notes, self.labels, self.scores)
+
+    def explain_batch(self, pixels: torch.Tensor, names: list[str]) -> list[list[GridMap]]:
+        """`explain` for each of a batch of inputs (B, C, H, W); a method that can do the batch at once does."""
+        return [self.explain(pixels[i:i + 1], names) for i in range(len(pixels))]
 
     @abstractmethod
-    def explain_grid(self, pixels: torch.Tensor, prompts: list[str]) -> list[torch.Tensor]:
-        """ReLU'd maps (h, w) on the patch grid, one per prompt."""
+    def explain_grid(self, pixels: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        """ReLU'd maps (h, w) on the patch grid, one per target; calls `activations_and_gradients` once."""
 
 
 class GradientCAM(BaseCAM):
-    """A method that combines the target layer's activations with the gradients of the prompt's score: one forward
-    and one backward per prompt, no masked forwards. Subclasses implement `combine`."""
+    """A method that combines the target layer's activations with the gradients of a target's score: one forward
+    and one backward per target, no masked forwards. Subclasses implement `combine`."""
 
     def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int | None = None):
         super().__init__(model, target_layer, batch_size, precision)   # TOPK is gScoreCAM's: every channel counts here
 
-    def explain_grid(self, pixels, prompts):
+    def explain_grid(self, pixels, names):
+        return self._maps(pixels, names)[0][0]
+
+    def explain_batch(self, pixels, names):
+        """One forward and one backward per target for the whole batch."""
+        maps, targets, scores = self._maps(pixels, names)
+        notes = [""] * len(names)
+        return [grid_maps(image_maps, notes, image_targets.labels, image_scores.float().cpu().tolist())
+                for image_maps, image_targets, image_scores in zip(maps, targets, scores)]
+
+    def _maps(self, pixels, names):
         with self.times("gradient pass"):
-            text = self.text_embeddings(prompts)
-            activations, gradients = self.activations_and_gradients(pixels, text)
-            return [torch.relu(self.combine(activations, prompt_gradients)) for prompt_gradients in gradients]
+            activations, gradients, targets, scores = self.activations_and_gradients(pixels, names)
+            maps = [[torch.relu(self.combine(image_activations, target_gradients)) for target_gradients in
+                     image_gradients] for image_activations, image_gradients in zip(activations, gradients)]
+        return maps, targets, scores
 
     @abstractmethod
     def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        """The map (h, w) before the ReLU, from the activations and one prompt's gradients, both (C, h, w)."""
+        """The map (h, w) before the ReLU, from the activations and one target's gradients, both (C, h, w)."""
+
+
+def grid_maps(cams: list[torch.Tensor], notes: list[str], labels: list[str], scores: list[float]) -> list[GridMap]:
+    """One input's maps as GridMaps: on the CPU, a flat map (zero or constant) zero with the reason."""
+    results = []
+    for cam, note, label, score in zip(cams, notes, labels, scores):
+        cam = cam.detach().float().cpu().numpy()
+        flat = describe_flat(cam)
+        results.append(GridMap(np.zeros_like(cam) if flat else cam, "; ".join(w for w in (note, flat) if w),
+                               label, score))
+    return results
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """EigenCAM (Muhammad and Yeasin, IJCNN 2020): the activations projected on their first principal component. It
-uses no gradient, so every prompt of a film gets the same map; the component's sign is the SVD's, as in
+uses no gradient, so every target of a film gets the same map; the component's sign is the SVD's, as in
 pytorch-grad-cam, so on some films the map shows the complement of what stands out."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .base import GradientCAM
 
 class EigenCAM(GradientCAM):
     name = "EigenCAM"
+    needs_gradients = False
 
     def combine(self, activations, gradients):
         channels, height, width = activations.shape

@@ -1,8 +1,8 @@
 """gScoreCAM (Chen et al., ACCV 2022): Score-CAM on the top-k channels by mean gradient.
 
-For several prompts on one image the masked images depend only on the image and the channel, so the embeddings
-of the union of the prompts' kept channels are computed once and every prompt is scored from them: an image
-with Q prompts costs at most C masked forwards, not Q * k, with exactly the reference's result.
+For several targets (prompts, classes) on one image the masked images depend only on the image and the channel, so
+the outputs of the union of the targets' kept channels are computed once and every target is scored from them: an
+image with Q targets costs at most C masked forwards, not Q * k, with exactly the reference's result.
 """
 from __future__ import annotations
 
@@ -32,30 +32,29 @@ class GScoreCAM(BaseCAM):
         return (masks - low) / (high - low + 1e-6)
 
     @torch.inference_mode()
-    def masked_embeddings(self, pixels: torch.Tensor, activations: torch.Tensor, channels: torch.Tensor):
-        """(U, D) embeddings of the input multiplied by each channel's mask, in batches."""
-        embeddings = self.forward_in_batches(
+    def masked_outputs(self, pixels: torch.Tensor, activations: torch.Tensor, channels: torch.Tensor):
+        """(U, ...) outputs of the model for the input multiplied by each channel's mask, in batches."""
+        outputs = self.forward_in_batches(
             len(channels), lambda start, stop: pixels * self.channel_masks(activations, channels[start:stop]))
         self.masked_forwards += len(channels)
-        return embeddings
+        return outputs
 
-    def explain_grid(self, pixels, prompts):
+    def explain_grid(self, pixels, names):
         with self.times("gradient pass"):
-            text = self.text_embeddings(prompts)
-            activations, gradients = self.activations_and_gradients(pixels, text)
+            activations, gradients, targets, _ = self.activations_and_gradients(pixels, names)
+            activations, gradients, targets = activations[0], gradients[0], targets[0]
         channels = activations.shape[0]
         importance = gradients.mean(dim=(2, 3))                          # (Q, C), signed
         kept = importance.topk(min(self.topk, channels), dim=1).indices  # (Q, k)
         union = torch.unique(kept)                                       # sorted
-        log.debug("%d prompts keep %d channels in all: %d masked forwards", len(prompts), len(union), len(union))
+        log.debug("%d targets keep %d channels in all: %d masked forwards", len(names), len(union), len(union))
         with torch.inference_mode(), self.times("masked forwards"):
-            embeddings = self.masked_embeddings(pixels.detach(), activations, union)
-            all_scores = self.model.logit_scale.float() * embeddings @ text.T       # (U, Q)
+            all_scores = targets.score(self.masked_outputs(pixels.detach(), activations, union))   # (U, Q)
             # a masked forward that overflowed (fp16) scores as an unmasked channel would not: taken as 0, and said
             finite = torch.isfinite(all_scores)
             all_scores = torch.where(finite, all_scores, torch.zeros_like(all_scores))
             cams = []
-            for q in range(len(prompts)):
+            for q in range(len(names)):
                 rows = torch.searchsorted(union, kept[q])
                 scores = torch.zeros(channels, device=activations.device)
                 scores[kept[q]] = all_scores[rows, q]

@@ -1,21 +1,30 @@
-"""Models are reached through `VisionTextModel`; `load_model` picks the backend for a MODEL value."""
+"""Models are reached through `ModelAdapter`; `load_model` picks the adapter for a MODEL value."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
-from .base import ModelLoadError, VisionTextModel
-from . import open_clip_model
+from ..config import model_kind
+from .base import ModelAdapter, ModelLoadError, Targets, TargetError
+from . import classifier, open_clip_model
 
 
-def load_model(spec: str, device: torch.device, offline: bool = False) -> VisionTextModel:
-    """The model named by MODEL: `hf-hub:<id>` or a local folder in the pipeline's format.
+def load_model(spec: str, device: torch.device, offline: bool = False, weights: Path | None = None,
+               target_names: tuple = ()) -> ModelAdapter:
+    """The model named by MODEL: a CLIP-like model (`hf-hub:<id>` or an open_clip folder) or a classifier
+    (`timm:`, `torchvision:`, `xrv:` or a classifier folder, with MODEL_WEIGHTS and TARGET_NAMES).
 
     `offline`: never touch the network (a hub model must then be in the local cache).
-    A new backend is one module implementing VisionTextModel and one branch here.
+    A new kind of model is one module implementing ModelAdapter and one branch here.
     """
     if offline:
         open_clip_model.go_offline()
+    if model_kind(spec) == "classifier":
+        return classifier.load(spec, device, weights, target_names)
+    if weights is not None or target_names:
+        raise ModelLoadError(f"MODEL={spec} is CLIP-like: MODEL_WEIGHTS and TARGET_NAMES apply to classifiers")
     return open_clip_model.load(spec, device)
 
 
-__all__ = ["ModelLoadError", "VisionTextModel", "load_model"]
+__all__ = ["ModelAdapter", "ModelLoadError", "Targets", "TargetError", "load_model"]

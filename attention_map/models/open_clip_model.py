@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from .base import ModelLoadError, VisionTextModel, tokens_to_grid
+from .base import ModelAdapter, ModelLoadError, Targets
 
 HUB_PREFIX = "hf-hub:"
 
@@ -119,7 +119,9 @@ def _create_from_hub(spec: str, device: torch.device):
     return model, tokenizer, hf_config.get("preprocess_cfg", {}), hf_config["model_cfg"]
 
 
-class OpenCLIPModel(VisionTextModel):
+class OpenCLIPModel(ModelAdapter):
+    """A CLIP-like model: a map explains a prompt, scored as logit_scale * cos(image, text)."""
+
     def __init__(self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, model_cfg: dict, name: str):
         self.module = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -129,6 +131,7 @@ class OpenCLIPModel(VisionTextModel):
         self.mean = tuple(preprocess_cfg.get("mean") or (0.48145466, 0.4578275, 0.40821073))
         self.std = tuple(preprocess_cfg.get("std") or (0.26862954, 0.26130258, 0.27577711))
         self.context_length = int(getattr(tokenizer, "context_length", 77))
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     def encode_image(self, pixels):
         return F.normalize(self.module.encode_image(pixels), dim=-1)
@@ -137,44 +140,43 @@ class OpenCLIPModel(VisionTextModel):
         tokens = self.tokenizer(list(prompts)).to(self.device)
         return F.normalize(self.module.encode_text(tokens), dim=-1)
 
-    def count_tokens(self, prompt):
+    def forward(self, pixels):
+        return self.encode_image(pixels)
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """(Q, D) embeddings in fp32; each distinct prompt is encoded once for the whole run.
+
+        Prompts are encoded one at a time: an embedding then does not depend on which other prompts shared its
+        batch, so a resumed run reproduces an uninterrupted one bit for bit. Text is cheap next to k image forwards.
+        """
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._text_cache:
+                with torch.inference_mode():
+                    self._text_cache[prompt] = self.encode_text([prompt]).float()[0]
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def targets(self, names, outputs):
+        text = self.text_embeddings(names)
+        return Targets(list(names), lambda embeddings: self.logit_scale * embeddings.float() @ text.T)
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the prompt takes, special tokens included, before truncation to `context_length`."""
         inner = getattr(self.tokenizer, "tokenizer", None)   # HFTokenizer wraps a transformers tokenizer
         if inner is not None:
             return len(inner(self.tokenizer.clean_fn(prompt))["input_ids"])
         return len(self.tokenizer.encode(prompt)) + 2        # open_clip BPE: start and end tokens around the text
 
+    def note(self, name):
+        tokens = self.count_tokens(name)
+        if tokens <= self.context_length:
+            return ""
+        return (f"prompt truncated to the model's {self.context_length} tokens "
+                f"({tokens - self.context_length} dropped)")
+
     @property
-    def logit_scale(self):
+    def logit_scale(self) -> torch.Tensor:
+        """The learned temperature, already exponentiated: score = logit_scale * cos(image, text)."""
         return self.module.logit_scale.exp()
-
-    def _trunk(self):
-        return getattr(self.module.visual, "trunk", None)
-
-    def default_target_layer(self) -> str:
-        visual = self.module.visual
-        trunk = self._trunk()
-        if trunk is not None and hasattr(trunk, "blocks"):
-            # After the last block only the CLS token feeds the embedding: its norm2 and output have zero
-            # gradient on the patch tokens, norm1 (the input of the last attention) does not.
-            return "visual.trunk.blocks[-1].norm1"
-        if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
-            return "visual.transformer.resblocks[-1].ln_1"
-        if hasattr(visual, "layer4"):
-            return "visual.layer4"
-        raise ModelLoadError(f"no default target layer for {type(visual).__name__}: set TARGET_LAYER")
-
-    def _grid(self):
-        trunk = self._trunk()
-        patch_embed = getattr(trunk, "patch_embed", None) if trunk is not None else None
-        grid = getattr(patch_embed, "grid_size", None) or getattr(self.module.visual, "grid_size", None)
-        return tuple(grid) if grid is not None else None
-
-    def activations_to_grid(self, activations):
-        if activations.dim() == 4:  # convolutional: already (B, C, h, w)
-            return activations
-        if activations.dim() != 3:
-            raise ValueError(f"target layer output of shape {tuple(activations.shape)} is neither tokens nor a grid")
-        return tokens_to_grid(activations, self._grid())
 
 
 def load(spec: str, device: torch.device) -> OpenCLIPModel:

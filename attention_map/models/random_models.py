@@ -3,7 +3,8 @@
 `biomedclip` is BiomedCLIP's exact architecture (timm ViT-B/16 trunk, BERT-base text tower with an MLP projection,
 context 256) with a generated WordPiece vocabulary; `tiny` is a small open_clip ViT and `tiny-resnet` a small
 open_clip ModifiedResNet (a CNN, 4 x 4 grid at layer4), both with open_clip's own text transformer and tokenizer, for
-fast tests. The same seed writes the same bytes.
+fast tests; the classifiers (CLASSIFIER_ARCHS) are one per library (timm, torchvision, torchxrayvision) and a six-zone
+score model. The same seed writes the same bytes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import string
 from pathlib import Path
 
 import torch
+
+from ..config import CLASSIFIER_CONFIG
 
 BIOMEDCLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BIOMEDCLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,6 +47,19 @@ ARCHS = {
         },
         "preprocess_cfg": {"mean": list(BIOMEDCLIP_MEAN), "std": list(BIOMEDCLIP_STD)},
     },
+}
+
+ZONES = ("right_sup", "left_sup", "right_mid", "left_mid", "right_inf", "left_inf")   # chest zones, CSI order
+
+# Classifier folders (classifier_config.json, see models/classifier.py): one per library, and a six-zone score model
+# ([batch, zones, 4 severity classes]) as the zone-score convention has it.
+CLASSIFIER_ARCHS = {
+    "timm-resnet": {"model": "timm:resnet10t", "model_kwargs": {"num_classes": 14}},
+    "timm-vit": {"model": "timm:vit_tiny_patch16_224", "model_kwargs": {"num_classes": 14}},
+    "torchvision-densenet": {"model": "torchvision:densenet121", "model_kwargs": {"num_classes": 14}},
+    "xrv-densenet": {"model": "xrv:densenet121-res224-all"},
+    "zone-resnet": {"model": "timm:resnet10t", "model_kwargs": {"num_classes": 24}, "output_shape": [6, 4],
+                    "target_names": list(ZONES)},
 }
 
 # BiomedBERT's text config (BERT-base, uncased).
@@ -83,18 +99,42 @@ def _write_text_tower(folder: Path) -> None:
          "mask_token": "[MASK]"}, indent=2) + "\n")
 
 
+def _save(module: torch.nn.Module, path: Path, arch: str, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous().clone() for name, tensor in module.state_dict().items()}
+    save_file(state, str(path),
+              # one key: safetensors writes metadata in hash order, and the same seed must give the same bytes
+              metadata={"made_by": f"attention-map make-test-model --arch {arch} --seed {seed}"})
+
+
+def _make_classifier(folder: Path, arch: str, seed: int) -> Path:
+    """A classifier folder: its config and random weights (`model.safetensors`, also usable as MODEL_WEIGHTS)."""
+    from .classifier import LIBRARIES
+
+    config = dict(CLASSIFIER_ARCHS[arch], weights="model.safetensors")
+    prefix = next(p for p in LIBRARIES if config["model"].startswith(p))
+    torch.manual_seed(seed)
+    module = LIBRARIES[prefix](config["model"][len(prefix):], config["model"], folder / config["weights"],
+                               config.get("model_kwargs", {}))[0]
+    _save(module, folder / config["weights"], arch, seed)
+    (folder / CLASSIFIER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
 def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
     """Write a model folder with random weights of `arch` into `folder`; return the folder."""
     import open_clip
-    from safetensors.torch import save_file
 
     from .open_clip_model import go_offline
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch not in ARCHS and arch not in CLASSIFIER_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join([*ARCHS, *CLASSIFIER_ARCHS])}")
     go_offline()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if arch in CLASSIFIER_ARCHS:
+        return _make_classifier(folder, arch, seed)
     config = json.loads(json.dumps(ARCHS[arch]))
     if arch == "biomedclip":
         _write_text_tower(folder / "text")
@@ -108,8 +148,5 @@ def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model_class = open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP
     model = model_class(**model_cfg)
-    state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
-    save_file(state, str(folder / "open_clip_model.safetensors"), 
-              # one key: safetensors writes metadata in hash order, and the same seed must give the same bytes
-              metadata={"made_by": f"attention-map make-test-model --arch {arch} --seed {seed}"})
+    _save(model, folder / "open_clip_model.safetensors", arch, seed)
     return folder

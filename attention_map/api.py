@@ -1,0 +1,159 @@
+"""The Python API: maps of any model from inside Python, a notebook or a training loop.
+
+    from attention_map import explain, EpochHeatmaps
+
+    maps = explain(model, images, targets=["right_sup", "left_inf"], method="GradCAM")   # (N, T, H, W) in [0, 1]
+
+Maps are computed in eval mode (dropout off, batch-norm running statistics) whatever mode the model is in. Afterwards
+no hook is left on the model, every submodule's train/eval mode and every parameter's `requires_grad` are as they
+were, and no parameter's `.grad` has changed.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import outputs
+from .cams import CAM_METHODS
+from .maps import grid_to_image
+from .models import ModelAdapter
+from .models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from .render import overlay
+
+_METHODS = {name.lower(): name for name in CAM_METHODS}
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """Eval mode and parameters without gradients inside the block; modes and flags as they were after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+def as_adapter(model, image_size: tuple[int, int], channels: int = 3, mean=None, std=None,
+               output_names=()) -> ModelAdapter:
+    """`model` as it is when it is an adapter (from `attention_map.models.load_model`); a bare nn.Module as a
+    classifier reading `image_size` inputs with `channels` channels (ImageNet's mean and std unless given)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    mean = mean or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels)
+    std = std or (IMAGENET_STD if channels == 3 else (0.5,) * channels)
+    return Classifier(model, image_size, mean, std, output_names)
+
+
+def _inputs(adapter: ModelAdapter, images) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Model inputs (N, C, H, W) and the size maps are returned at: 4-D images are the model's input as they are;
+    grey films (N, H, W) or a list of (H, W) arrays in [0, 1] are prepared as the pipeline prepares films."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    tensor = torch.as_tensor(images).float()
+    if tensor.dim() == 4:
+        return tensor.to(adapter.device), tuple(tensor.shape[2:])
+    if tensor.dim() != 3:
+        raise ValueError(f"images of shape {list(tensor.shape)}: give model inputs (N, C, H, W) or grey films "
+                         f"(N, H, W) in [0, 1]")
+    films = tensor.cpu().numpy()
+    return torch.cat([adapter.prepare(film) for film in films]), tuple(films.shape[1:])
+
+
+def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "auto", batch_size: int = 16,
+            channels: int = 3, mean=None, std=None, output_names=()) -> np.ndarray:
+    """Maps (N, T, H, W) in [0, 1] at the images' size: for each image, one per target.
+
+    model: an nn.Module whose output is (B, K) scores, (B, zones, classes) or a list or dict of heads; or an adapter
+        from `attention_map.models.load_model` (a CLIP-like model takes prompts as targets).
+    images: model inputs (N, C, H, W), array or tensor, used as they are; or grey films (N, H, W) or a list of
+        (H, W) arrays in [0, 1], resized to the adapter's input size and normalised (a bare module: the films' size,
+        `channels` channels, `mean` and `std`).
+    targets: None (each image's predicted class), one output index or name, or a list of them (T maps per image);
+        names are those of `output_names` (a bare module) or of the adapter.
+    method: any CAM_VERSION name, any case. Gradient methods explain `batch_size` images per forward and backward.
+    """
+    if method.lower() not in _METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(CAM_METHODS)}")
+    names = ([""] if targets is None else [str(t) for t in targets] if isinstance(targets, (list, tuple))
+             else [str(targets)])
+    module = model.module if isinstance(model, ModelAdapter) else model
+    device = next(module.parameters()).device
+    with evaluating(module):
+        probe = torch.as_tensor(images[0] if isinstance(images, (list, tuple)) else images)
+        size = tuple(probe.shape[-2:])
+        adapter = as_adapter(model, size, channels, mean, std, output_names)
+        inputs, out_size = _inputs(adapter, images)
+        cam = CAM_METHODS[_METHODS[method.lower()]](adapter, layer, batch_size)
+        maps = []
+        for start in range(0, len(inputs), batch_size):
+            for image_maps in cam.explain_batch(inputs[start:start + batch_size].to(device), names):
+                maps.append([grid_to_image(grid_map.cam, out_size[::-1]) for grid_map in image_maps])
+    return np.asarray(maps, dtype=np.float32)
+
+
+class EpochHeatmaps:
+    """Heatmaps of a fixed set of images written during training.
+
+        heatmaps = EpochHeatmaps("runs/zones", films, ["right_sup", "left_sup", ...], every=5)
+        for epoch in range(epochs):
+            train_one_epoch(model)
+            heatmaps(model, epoch, metric=validation_auc)      # heatmaps/{epoch:03d}_heatmap_{target}.png
+        heatmaps.finish()                                      # heatmap_{target}.png, of the best epoch
+
+    `images`: grey films (N, H, W) in [0, 1] (shown under the maps), or model inputs (N, C, H, W) (their first
+    channel, scaled to [0, 1], is shown). Each PNG holds the N images side by side for one target. Maps are made
+    when `epoch % every == 0` and whenever `metric` (higher is better) is the best so far, so `finish` can write
+    the best epoch's maps; `finish(model)` makes them from the model given instead (e.g. the best checkpoint).
+    """
+
+    def __init__(self, out_dir, images, target_names, every: int = 1, colormap: str = "custom_purple_red",
+                 method: str = "GradCAM", layer: str = "auto", alpha: float = 0.5, **explain_options):
+        self.out_dir, self.every, self.colormap, self.alpha = Path(out_dir), every, colormap, alpha
+        self.images, self.target_names = images, [str(t) for t in target_names]
+        self.options = dict(method=method, layer=layer, **explain_options)
+        if "output_names" not in self.options and not all(t.lstrip("-").isdigit() for t in self.target_names):
+            self.options["output_names"] = tuple(self.target_names)
+        shown = torch.as_tensor(np.asarray(images) if isinstance(images, (list, tuple)) else images).float()
+        shown = shown[:, 0] if shown.dim() == 4 else shown
+        low = shown.amin(dim=(1, 2), keepdim=True)
+        self.films = ((shown - low) / (shown.amax(dim=(1, 2), keepdim=True) - low + 1e-8)).cpu().numpy()
+        self.best_metric, self.best_maps, self.last_maps = None, None, None
+
+    def __call__(self, model, epoch: int, metric: float | None = None) -> list[Path]:
+        """Write this epoch's heatmaps when it is due; keep its maps when `metric` is the best so far."""
+        due = epoch % self.every == 0
+        best = metric is not None and (self.best_metric is None or metric > self.best_metric)
+        if not (due or best):
+            return []
+        maps = self.last_maps = explain(model, self.images, self.target_names, **self.options)
+        if best:
+            self.best_metric, self.best_maps = metric, maps
+        return self._write(maps, f"{epoch:03d}_") if due else []
+
+    def finish(self, model=None) -> list[Path]:
+        """heatmap_{target}.png: of `model` if given, else of the epoch with the best metric (else the last made)."""
+        maps = (explain(model, self.images, self.target_names, **self.options) if model is not None else
+                self.best_maps if self.best_maps is not None else self.last_maps)
+        if maps is None:
+            raise ValueError("EpochHeatmaps.finish(): no maps were made yet; pass the model")
+        return self._write(maps, "", folder=self.out_dir)
+
+    def _write(self, maps: np.ndarray, prefix: str, folder: Path | None = None) -> list[Path]:
+        folder = folder or self.out_dir / "heatmaps"
+        written = []
+        for t, target in enumerate(self.target_names):
+            tiles = [overlay(film, maps[i, t] if maps.shape[2:] == film.shape else
+                             grid_to_image(maps[i, t], film.shape[::-1]), self.colormap, self.alpha)
+                     for i, film in enumerate(self.films)]
+            path = folder / f"{prefix}heatmap_{outputs.safe_name(target)}.png"
+            outputs.write_png(path, np.concatenate(tiles, axis=1))
+            written.append(path)
+        return written
