@@ -48,3 +48,19 @@ def test_finish_benchmark_compares_the_former_and_current_cpu_part(cxr):
     agreement = re.search(r"overlays differ by at most (\d+) grey level\(s\), raw maps differ in (\d+) of 4", out)
     assert agreement and int(agreement.group(1)) <= 1 and agreement.group(2) == "0"
     assert re.search(r"CRF on 2 maps: full size [0-9.]+ s per map, .* \(within 1e-2: \d of 2\)", out)
+
+
+def test_methods_benchmark_times_both_packages_and_their_maps_agree(cxr):
+    result = subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--model", "resnet10t", "--films", "4",
+                             "--batch", "2", "--methods", "GradCAM,HiResCAM"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "4 films from" in out and "timm resnet10t (random weights, 14 outputs) at layer4" in out
+    for method in ("GradCAM", "HiResCAM"):
+        row = re.search(rf"^{re.escape(method)} +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)x +([0-9.]+)x +"
+                        rf"([0-9.e+-]+)$", out, re.M)
+        assert row, method
+        ours, theirs, frozen, ratio = (float(row.group(i)) for i in range(1, 5))
+        assert min(ours, theirs, frozen) > 0 and abs(ratio - ours / theirs) <= 0.01 * ratio + 0.01
+        assert float(row.group(6)) <= 1e-4     # the same maps

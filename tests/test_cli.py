@@ -53,16 +53,18 @@ def test_run_on_gemex_records_writes_one_overlay_per_manifest_row(tmp_path, tiny
     assert not (out / "errors.csv").exists()
 
 
-def test_raw_map_of_a_run_equals_the_reference_on_a_real_film(tmp_path, biomedclip_model, cxr):
+def test_raw_map_of_a_run_equals_the_reference_on_a_real_film(tmp_path, tiny_model, cxr):
+    """The CLI end to end, from the GEMeX config to the raw maps on disk, against the reference steps (the engine on
+    BiomedCLIP's architecture is checked in test_gscorecam.py and, end to end under Slurm, in test_cluster.py)."""
     out = tmp_path / "out"
     topk = 24
-    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={biomedclip_model}",
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}",
                  f"OUTPUT_DIR={out}", "STOP_AFTER=1", f"TOPK={topk}", "ENABLE_BODY_MASK=false", "PROMPT_SOURCE=both",
                  "SAVE_RAW_CAM=true", "DEVICE=cpu")
     assert result.returncode == 0, result.stderr
     rows = read_manifest(out)
     assert len(rows) == 3
-    model = load_model(str(biomedclip_model), torch.device("cpu"))
+    model = load_model(str(tiny_model), torch.device("cpu"))
     film = load_film(cxr / rows[0]["source_image"])
     union = set()
     for row in rows:
