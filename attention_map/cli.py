@@ -1,5 +1,5 @@
-"""Command line: run | merge | evaluate | report | fetch-model | make-test-model | train-toy-model | make-demo-data |
-default-conf.
+"""Command line: run | merge | evaluate | report | fetch-model | make-test-model | train-toy-model |
+train-zone-model | make-demo-data | default-conf.
 
 Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
 some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
@@ -8,6 +8,7 @@ shards that have not finished.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                      "figures depend on it, as on the number of CPU threads)")
     toy.add_argument("--check-films", type=int, default=60, help="held-out films to check it on (0: none)")
     toy.add_argument("--force", action="store_true", help="train even if FOLDER holds a model of this recipe")
+
+    zones = commands.add_parser("train-zone-model", help="train the six-zone classifier on synthetic films (CPU, "
+                                                         "minutes), then print its AUROC and where each method's maps point")
+    zones.add_argument("folder", type=Path)
+    zones.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/zones.py)")
+    zones.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
+    zones.add_argument("--check-films", type=int, default=200, help="held-out films to check it on (0: none)")
 
     demo = commands.add_parser("make-demo-data", help="write synthetic chest films, records (GEMeX fields) and "
                                                       "boxes.csv for the demo")
@@ -118,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             figures = check_toy_model(folder, args.check_films, device=args.device)
             print(f"On {args.check_films} held-out synthetic films: " + ", ".join(
                 f"{name} {value:.2f}" for name, value in figures.items()))
+        return 0
+    if args.command == "train-zone-model":
+        from .models.zones import STEPS, check_zone_model, train_zone_model
+
+        folder = train_zone_model(args.folder, STEPS if args.steps is None else args.steps, args.seed)
+        log.info("wrote the zone classifier to %s (use MODEL=%s)", folder, folder)
+        if args.check_films:
+            print(json.dumps(check_zone_model(folder, args.check_films), indent=2))
         return 0
     if args.command == "fetch-model":
         from .models.fetch import fetch_model

@@ -126,6 +126,41 @@ def corner_boxes(size: int) -> list[tuple[int, int, int, int]]:
     return [(int(0.88 * size), 0, size - int(0.88 * size), int(0.11 * size)), (0, 0, int(0.36 * size), int(0.09 * size))]
 
 
+# The six chest zones of the zone-score convention (CSI): each lung's height in thirds, named by the patient's side.
+CHEST_ZONES = ("right_sup", "left_sup", "right_mid", "left_mid", "right_inf", "left_inf")
+_THIRDS = {"sup": 0, "mid": 1, "inf": 2}
+
+
+def zone_box(zone: str, size: int) -> tuple[int, int, int, int]:
+    """The zone's box (x, y, w, h) in pixels: the lung ellipse's bounding box, a third of its height."""
+    side, third = zone.split("_")
+    top, height = LUNG_Y - LUNG_HALF_HEIGHT, 2 * LUNG_HALF_HEIGHT / 3
+    x0, y0 = (LUNG_X[side] - LUNG_HALF_WIDTH) * size, (top + _THIRDS[third] * height) * size
+    return int(round(x0)), int(round(y0)), int(round(2 * LUNG_HALF_WIDTH * size)), int(round(height * size))
+
+
+def make_zone_film(seed: int, size: int = 192) -> tuple[np.ndarray, list[str]]:
+    """A film with lesions (nodules or opacities) in none to three of the six zones, and those zones. A lesion sits
+    in the middle of its zone's box, jittered, so that its centre never leaves the zone."""
+    rng = np.random.default_rng(seed)
+    zones = sorted(rng.choice(CHEST_ZONES, size=rng.integers(0, 4), replace=False).tolist(), key=CHEST_ZONES.index)
+    film = _anatomy(size)
+    for zone in zones:
+        x, y, w, h = zone_box(zone, size)
+        kind = ("nodule", "opacity")[rng.integers(2)]
+        centre = (x + w / 2 + rng.uniform(-0.15, 0.15) * w, y + h / 2 + rng.uniform(-0.15, 0.15) * h)
+        radius = RADIUS[kind] * size * rng.uniform(0.6, 0.8)   # smaller than the toy's: a zone is a third of a lung
+        spot = np.zeros_like(film)
+        cv2.circle(spot, (int(centre[0]), int(centre[1])), int(radius), 1.0, -1)
+        if kind == "opacity":
+            spot = cv2.GaussianBlur(spot, (0, 0), radius / 3)
+            film[:] = np.where(spot > 0.01, np.maximum(film, 0.2 + 0.45 * spot), film)
+        else:
+            film[:] = np.where(spot > 0, 0.75, film)
+    film = cv2.GaussianBlur(film, (0, 0), size / 128) + rng.normal(0, 0.02, film.shape).astype(np.float32)
+    return np.clip(film, 0, 1).astype(np.float32), zones
+
+
 def make_film(seed: int, size: int = 384) -> tuple[np.ndarray, str]:
     """A film with one nodule, and its place ("left upper lung"): the places cycle with the seed."""
     side, zone = [(side, zone) for side in SIDES for zone in ZONES][seed % 4]

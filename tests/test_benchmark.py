@@ -51,13 +51,13 @@ def test_finish_benchmark_compares_the_former_and_current_cpu_part(cxr):
 
 
 def test_methods_benchmark_times_both_packages_and_their_maps_agree(cxr):
-    result = subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--model", "resnet10t", "--films", "4",
-                             "--batch", "2", "--methods", "GradCAM,HiResCAM"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--model", "resnet10t", "--films", "2",
+                             "--batch", "2", "--methods", "HiResCAM"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "4 films from" in out and "timm resnet10t (random weights, 14 outputs) at layer4" in out
-    for method in ("GradCAM", "HiResCAM"):
+    assert "2 films from" in out and "timm resnet10t (random weights, 14 outputs) at layer4" in out
+    for method in ("HiResCAM",):
         row = re.search(rf"^{re.escape(method)} +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)x +([0-9.]+)x +"
                         rf"([0-9.e+-]+)$", out, re.M)
         assert row, method

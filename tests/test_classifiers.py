@@ -154,12 +154,12 @@ def test_each_example_config_runs_offline_on_the_real_films(classifiers, cxr, tm
              else [f"MODEL={folder}"])
     out = tmp_path / "out"
     result = _cli("run", "--config", f"configs/examples/{config}.conf", f"IMAGE_ROOT={cxr}", f"OUTPUT_DIR={out}",
-                  "STOP_AFTER=2", "DEVICE=cpu", "OFFLINE=true", *model)
+                  "STOP_AFTER=1", "DEVICE=cpu", "OFFLINE=true", *model)
     assert result.returncode == 0, result.stderr
     rows = read_csv(out / "vqa_manifest.csv")
     conf = (REPO / "configs/examples" / f"{config}.conf").read_text()
     expected_targets = {"timm_resnet": 1, "torchvision_densenet": 2, "xrv_densenet": 2, "csi_zones": 6}[config]
-    assert len(rows) == 2 * expected_targets
+    assert len(rows) == expected_targets
     for row in rows:
         assert row["cam_method"] in conf and math.isfinite(float(row["score"])) and row["question"] == ""
         stem = Path(row["source_image"]).stem
@@ -224,18 +224,18 @@ def test_fallback_cam_stands_in_where_the_method_cannot_run_and_says_so(cxr):
 @pytest.mark.parametrize("arch", list(CLASSIFIER_ARCHS))
 def test_every_method_makes_a_map_of_every_classifier_backbone(classifiers, cxr, arch):
     """One code path per method for every adapter: each makes finite maps on the backbone's grid, and the scores
-    it reports are the model's outputs. For time, the CNNs read 128 x 128 inputs here, and ScoreCAM (as many
-    masked forwards as channels: 1024) is left out on the DenseNets."""
+    it reports are the model's outputs. For time, the CNNs read 128 x 128 inputs here (the DenseNets 64 x 64), and
+    ScoreCAM (as many masked forwards as channels) runs only where the layer has at most 192 channels."""
     model = load_model(str(classifiers[arch]), CPU)
     if arch != "timm-vit":
-        model.image_size = (128, 128)
+        model.image_size = (64, 64) if "densenet" in arch else (128, 128)
     pixels = model.prepare(read_film(cxr / "nih" / "00000001_000.png").pixels)
     names = ["left_sup", "right_inf"] if arch == "zone-resnet" else ["", "3"]
     with torch.no_grad():
         expected = model.targets(names, model.forward(pixels)).score(model.forward(pixels))[0].tolist()
     grid = model.activations_to_grid(_layer_output(model, pixels)).shape[2:]
     for method in CAM_METHODS:
-        if method == "ScoreCAM" and "densenet" in arch:
+        if method == "ScoreCAM" and arch not in ("timm-vit", "zone-resnet"):
             continue
         results = CAM_METHODS[method](model, topk=8).explain(pixels, names)
         assert [r.cam.shape for r in results] == [tuple(grid)] * 2, method
