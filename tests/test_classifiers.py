@@ -103,7 +103,7 @@ def test_weights_that_do_not_fit_name_missing_and_unexpected_keys(classifiers, t
     assert "1 missing keys (layer4.0.conv1.weight)" in message and "1 unexpected keys (layer9.weight)" in message
     not_weights = tmp_path / "notes.pt"
     not_weights.write_text("not a checkpoint")
-    with pytest.raises(ModelLoadError, match="not a readable weights file"):
+    with pytest.raises(ModelLoadError, match="not a readable PyTorch or safetensors weights file"):
         load_model("timm:resnet10t", CPU, weights=not_weights)
 
 

@@ -108,9 +108,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:   # pickles of code objects, truncated files: one line, naming the file
-            raise ModelLoadError(f"MODEL_WEIGHTS={path}: not a readable weights file "
-                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        except Exception as error:   # not a torch file, truncated, pickled code objects: one line, naming the file
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise ModelLoadError(f"MODEL_WEIGHTS={path}: not a readable PyTorch or safetensors weights file "
+                                 f"(torch.load: {type(error).__name__} {reason})") from None
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
