@@ -225,7 +225,8 @@ def test_fallback_cam_stands_in_where_the_method_cannot_run_and_says_so(cxr):
 def test_every_method_makes_a_map_of_every_classifier_backbone(classifiers, cxr, arch):
     """One code path per method for every adapter: each makes finite maps on the backbone's grid, and the scores
     it reports are the model's outputs. For time, the CNNs read 128 x 128 inputs here (the DenseNets 64 x 64), and
-    ScoreCAM (as many masked forwards as channels) runs only where the layer has at most 192 channels."""
+    ScoreCAM (as many masked forwards as the layer has channels) runs on the ViT (192) and the zone ResNet (512)
+    only."""
     model = load_model(str(classifiers[arch]), CPU)
     if arch != "timm-vit":
         model.image_size = (64, 64) if "densenet" in arch else (128, 128)
