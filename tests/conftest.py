@@ -14,30 +14,41 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
 
-# Retrains the toy model from its recipe on one CPU thread and checks it, writing the figures as JSON to argv[1]
+# Retrains the toy model and then the zone classifier (those named in argv[2:]) from their recipes on one CPU thread
+# and checks them, writing the figures as JSON to toy.json and zones.json in the folder argv[1]
 _RETRAIN = """
 import json, sys, torch
 from pathlib import Path
 from attention_map.models.toy import check_toy_model, train_toy_model
+from attention_map.models.zones import check_zone_model, train_zone_model
 torch.set_num_threads(1)
-folder = train_toy_model(Path(sys.argv[1]).parent / "toy")
-Path(sys.argv[1]).write_text(json.dumps(check_toy_model(folder, count=60)))
+work = Path(sys.argv[1])
+if "toy_retrain" in sys.argv:
+    (work / "toy.json").write_text(json.dumps(check_toy_model(train_toy_model(work / "toy"), count=60)))
+if "zone_retrain" in sys.argv:
+    zones = train_zone_model(work / "zones")
+    (work / "zones.json").write_text(json.dumps(check_zone_model(zones, count=40, methods=["GradCAM", "HiResCAM"])))
 """
+RETRAINS = ("toy_retrain", "zone_retrain")
 _retrain: dict = {}
 
 
 def pytest_collection_modifyitems(items):
     """Tests that build the Docker image run last: the build needs many GB of disk for a while, and when a machine
     runs short, the other tests have run on a disk with room. When the toy model's retrain is among the tests, it
-    starts now in a process of its own on one thread, so that its minutes overlap the other tests, and the tests go
+    starts now (with the zone classifier's after it) in a process of its own on one thread, so that its minutes overlap
+    the other tests, and the tests go
     on at a lower priority (nice 5), so that the retrain, the longest single piece, keeps its core; its test runs
     last and waits for it."""
-    items.sort(key=lambda item: ("toy_retrain" in getattr(item, "fixturenames", ()),
-                                 "docker_image" in getattr(item, "fixturenames", ())))
-    if any("toy_retrain" in getattr(item, "fixturenames", ()) for item in items):
+    def retrains(item) -> bool:
+        return any(name in getattr(item, "fixturenames", ()) for name in RETRAINS)
+
+    items.sort(key=lambda item: (retrains(item), "docker_image" in getattr(item, "fixturenames", ())))
+    wanted = sorted({name for item in items for name in RETRAINS if name in getattr(item, "fixturenames", ())})
+    if wanted:
         work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
         _retrain.update(work=work, process=subprocess.Popen(
-            [sys.executable, "-c", _RETRAIN, str(work / "figures.json")], cwd=REPO,
+            [sys.executable, "-c", _RETRAIN, str(work), *wanted], cwd=REPO,
             stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT))
         os.nice(5)
 
@@ -49,13 +60,23 @@ def pytest_sessionfinish():
         shutil.rmtree(_retrain["work"], ignore_errors=True)
 
 
+def _retrained(name: str) -> dict:
+    process, work = _retrain["process"], _retrain["work"]
+    if process.wait() != 0:
+        pytest.fail(f"retraining the shipped models failed: {(work / 'log.txt').read_text()[-2000:]}")
+    return json.loads((work / name).read_text())
+
+
 @pytest.fixture(scope="session")
 def toy_retrain() -> dict:
     """The figures of the toy model retrained from its recipe (started at collection, see above)."""
-    process, work = _retrain["process"], _retrain["work"]
-    if process.wait() != 0:
-        pytest.fail(f"retraining the toy model failed: {(work / 'log.txt').read_text()[-2000:]}")
-    return json.loads((work / "figures.json").read_text())
+    return _retrained("toy.json")
+
+
+@pytest.fixture(scope="session")
+def zone_retrain() -> dict:
+    """The figures of the zone classifier retrained from its recipe (after the toy model, in the same process)."""
+    return _retrained("zones.json")
 
 
 @pytest.fixture(scope="session")

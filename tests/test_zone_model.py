@@ -52,3 +52,12 @@ def test_eigencam_ignores_the_target_and_gradient_methods_do_not():
     assert all(np.array_equal(eigen[0], zone_map) for zone_map in eigen[1:])
     grad = explain(model, film[None], list(CHEST_ZONES), method="GradCAM")[0]
     assert not np.allclose(grad[0], grad[1])
+
+
+@pytest.mark.slow
+def test_a_retrain_with_the_shipped_recipe_meets_the_goal(zone_retrain):
+    """The recipe, retrained on one CPU thread (other bytes than the shipped model's, made on two): its outputs find
+    the lesions and GradCAM and HiResCAM point at the named zone at least 0.8 of the time, on the first 40 films. The
+    recipe is seed-sensitive (docs/methods.md), so this floor is the goal, not the shipped model's figures."""
+    assert min(zone_retrain["auroc"].values()) >= AUROC_FLOOR, zone_retrain["auroc"]
+    assert zone_retrain["pointing"]["GradCAM"] >= 0.8 and zone_retrain["pointing"]["HiResCAM"] >= 0.8, zone_retrain
