@@ -52,19 +52,24 @@ def as_adapter(model, image_size: tuple[int, int], channels: int = 3, mean=None,
     return Classifier(model, image_size, mean, std, output_names)
 
 
-def _inputs(adapter: ModelAdapter, images) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Model inputs (N, C, H, W) and the size maps are returned at: 4-D images are the model's input as they are;
-    grey films (N, H, W) or a list of (H, W) arrays in [0, 1] are prepared as the pipeline prepares films."""
+def _as_tensor(images) -> torch.Tensor:
+    """The images as one float tensor: model inputs (N, C, H, W), or grey films (N, H, W) (a list of (H, W) arrays
+    stacked)."""
     if isinstance(images, (list, tuple)):
         images = np.stack([np.asarray(image, dtype=np.float32) for image in images])
     tensor = torch.as_tensor(images).float()
-    if tensor.dim() == 4:
-        return tensor.to(adapter.device), tuple(tensor.shape[2:])
-    if tensor.dim() != 3:
+    if tensor.dim() not in (3, 4):
         raise ValueError(f"images of shape {list(tensor.shape)}: give model inputs (N, C, H, W) or grey films "
                          f"(N, H, W) in [0, 1]")
-    films = tensor.cpu().numpy()
-    return torch.cat([adapter.prepare(film) for film in films]), tuple(films.shape[1:])
+    return tensor
+
+
+def _inputs(adapter: ModelAdapter, images: torch.Tensor) -> torch.Tensor:
+    """Model inputs (N, C, H, W): 4-D images are the model's input as they are; grey films in [0, 1] are prepared
+    as the pipeline prepares films."""
+    if images.dim() == 4:
+        return images.to(adapter.device)
+    return torch.cat([adapter.prepare(film) for film in images.cpu().numpy()])
 
 
 def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "auto", batch_size: int = 16,
@@ -85,17 +90,16 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
     names = ([""] if targets is None else [str(t) for t in targets] if isinstance(targets, (list, tuple))
              else [str(targets)])
     module = model.module if isinstance(model, ModelAdapter) else model
-    device = next(module.parameters()).device
+    images = _as_tensor(images)
+    size = tuple(images.shape[-2:])                    # of the input, and of the maps
     with evaluating(module):
-        probe = torch.as_tensor(images[0] if isinstance(images, (list, tuple)) else images)
-        size = tuple(probe.shape[-2:])
         adapter = as_adapter(model, size, channels, mean, std, output_names)
-        inputs, out_size = _inputs(adapter, images)
+        inputs = _inputs(adapter, images)
         cam = CAM_METHODS[_METHODS[method.lower()]](adapter, layer, batch_size)
         maps = []
         for start in range(0, len(inputs), batch_size):
-            for image_maps in cam.explain_batch(inputs[start:start + batch_size].to(device), names):
-                maps.append([grid_to_image(grid_map.cam, out_size[::-1]) for grid_map in image_maps])
+            for image_maps in cam.explain_batch(inputs[start:start + batch_size], names):
+                maps.append([grid_to_image(grid_map.cam, size[::-1]) for grid_map in image_maps])
     return np.asarray(maps, dtype=np.float32)
 
 
@@ -121,7 +125,7 @@ class EpochHeatmaps:
         self.options = dict(method=method, layer=layer, **explain_options)
         if "output_names" not in self.options and not all(t.lstrip("-").isdigit() for t in self.target_names):
             self.options["output_names"] = tuple(self.target_names)
-        shown = torch.as_tensor(np.asarray(images) if isinstance(images, (list, tuple)) else images).float()
+        shown = _as_tensor(images)
         shown = shown[:, 0] if shown.dim() == 4 else shown
         low = shown.amin(dim=(1, 2), keepdim=True)
         self.films = ((shown - low) / (shown.amax(dim=(1, 2), keepdim=True) - low + 1e-8)).cpu().numpy()
@@ -150,9 +154,7 @@ class EpochHeatmaps:
         folder = folder or self.out_dir / "heatmaps"
         written = []
         for t, target in enumerate(self.target_names):
-            tiles = [overlay(film, maps[i, t] if maps.shape[2:] == film.shape else
-                             grid_to_image(maps[i, t], film.shape[::-1]), self.colormap, self.alpha)
-                     for i, film in enumerate(self.films)]
+            tiles = [overlay(film, maps[i, t], self.colormap, self.alpha) for i, film in enumerate(self.films)]
             path = folder / f"{prefix}heatmap_{outputs.safe_name(target)}.png"
             outputs.write_png(path, np.concatenate(tiles, axis=1))
             written.append(path)

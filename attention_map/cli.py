@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     toy.add_argument("--force", action="store_true", help="train even if FOLDER holds a model of this recipe")
 
     zones = commands.add_parser("train-zone-model", help="train the six-zone classifier on synthetic films (CPU, "
-                                                         "minutes), then print its AUROC and where each method's maps point")
+                                "minutes), then print its AUROC and where each method's maps point")
     zones.add_argument("folder", type=Path)
     zones.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/zones.py)")
     zones.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")

@@ -96,8 +96,9 @@ class Settings:
                              "norm1), or a dotted module path such as visual.trunk.blocks[-1].norm1")
     TARGETS: tuple = _key((), "a classifier's outputs to explain, comma-separated indices or names; empty: the "
                           "predicted class, or every output named by TARGET_NAMES", "list")
-    TARGET_NAMES: tuple = _key((), "names of a classifier's outputs in order (of the zones of a [batch, zones, classes] "
-                               "output), e.g. right_sup,left_sup,right_mid,left_mid,right_inf,left_inf", "list")
+    TARGET_NAMES: tuple = _key((), "names of a classifier's outputs in order (of the zones of a [batch, zones, "
+                               "classes] output), e.g. right_sup,left_sup,right_mid,left_mid,right_inf,left_inf",
+                               "list")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
     BATCH_SIZE: int | None = _key(None, "masked images per forward pass (empty: 256 on cuda, 64 on cpu)", "int",
                                   low=1, optional=True)

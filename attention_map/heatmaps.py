@@ -51,9 +51,9 @@ def crf_params(settings: Settings) -> CRFParams:
 def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: list[Made]):
     """Body mask, CRF, colour map and PNGs of one film's maps.
 
-    Returns ((job, raw map name, Made with every warning) per heatmap written, seconds per stage). Raises StageError naming the
-    stage (post, write) that failed, with the heatmaps written before it. Arguments and results are plain data,
-    so this runs as well in a worker process as in the caller's."""
+    Returns ((job, raw map name, Made with every warning) per heatmap written, seconds per stage). Raises StageError
+    naming the stage (post, write) that failed, with the heatmaps written before it. Arguments and results are plain
+    data, so this runs as well in a worker process as in the caller's."""
     times, crf = StageTimes(), crf_params(settings)
     written = []
     try:

@@ -208,7 +208,7 @@ def _submit(pool: Executor | None, function, *args) -> Future:
     return future
 
 
-def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, settings: Settings,
+def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress,
                    rows: dict[int, outputs.ManifestRow]) -> dict[Source, list[Job]]:
     """The films still to make; the manifest rows of the finished ones go into `rows`.
 
@@ -221,8 +221,8 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, se
         if all(finished):
             for job, entry in zip(jobs, finished):
                 job = dataclasses.replace(job, frame=entry.get("frame"))
-                made = Made(entry.get("method", settings.CAM_VERSION), entry.get("target", job.prompt.text),
-                            entry.get("score", float("nan")), entry["warning"])
+                # an entry of an older version has another settings fingerprint and never gets here
+                made = Made(entry["method"], entry["target"], entry["score"], entry["warning"])
                 rows[job.index] = manifest_row(job, entry["raw_map"], made)
         else:
             todo[film] = jobs
@@ -256,7 +256,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     progress = shards.Progress(settings.OUTPUT_DIR, shard, shards.fingerprint(settings),
                                read_existing=settings.RESUME and not settings.OVERWRITE)
     rows: dict[int, outputs.ManifestRow] = {}
-    todo = _skip_finished(mine, progress, settings, rows)
+    todo = _skip_finished(mine, progress, rows)
     summary.skipped = len(rows)
     if summary.skipped:
         log.info("resuming: %d heatmaps already done are skipped, %d to make", summary.skipped, total - summary.skipped)

@@ -155,7 +155,8 @@ def read_items(path: Path, required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> 
         raise DataFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
-def read_records(path: Path, required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> tuple[list[Record], list[RecordError]]:
+def read_records(path: Path,
+                 required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> tuple[list[Record], list[RecordError]]:
     """All usable records of `path`, in file order, and the records that cannot be used; a CSV must have the
     `required` columns.
 

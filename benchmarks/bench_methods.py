@@ -7,7 +7,8 @@ method, layer and targets (each film's predicted class), in one run, with the la
 The model is the timm architecture with random weights (built offline). Both are given the same prepared inputs;
 grad-cam is timed twice: with the model as users hand it over (parameters requiring gradients, so its backward also
 computes every weight's gradient) and frozen (parameters without gradients, the input requiring one: the same work as
-attention-map, which turns the flags off for the maps and back on after). Films: the NIH films of ../shared/data/cxr, else synthetic ones.
+attention-map, which turns the flags off for the maps and back on after). Films: the NIH films of
+../shared/data/cxr, else synthetic ones.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def main() -> None:
     inputs = torch.cat([adapter.prepare(film) for film in films])
     print(f"timm {args.model} (random weights, 14 outputs) at {layer_name}, 224 x 224, batch {args.batch}, "
           f"{args.threads} CPU threads, torch {torch.__version__}; targets: each film's predicted class")
-    explain(model, inputs, None, batch_size=args.batch)    # warm-up (the first pass over the films is slower), off the clock
+    explain(model, inputs, None, batch_size=args.batch)    # warm-up, off the clock: the first pass is slower
     print(f"{'method':<10} {'attention-map':>14} {'grad-cam':>9} {'frozen':>7} {'ratios':>14} {'max |diff|':>11}"
           f"   (heatmaps/s)")
     for method in args.methods.split(","):

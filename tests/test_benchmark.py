@@ -7,14 +7,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _bench(script: str, *args) -> str:
+    """What `benchmarks/<script>` prints with these arguments; it must succeed."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, cxr, tmp_path):
     # 40 films from a folder of fewer repeat under new names; the reference runs on the first 2
-    result = subprocess.run([sys.executable, "benchmarks/bench_gscorecam.py", "--model", str(tiny_model), "--topk", "8",
-                             "--prompts", "3", "--films", "40", "--reference-films", "2",
-                             "--work", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    out = _bench("bench_gscorecam.py", "--model", tiny_model, "--topk", "8", "--prompts", "3", "--films", "40",
+                 "--reference-films", "2", "--work", tmp_path)
     assert "(a) reference, per prompt" in out and "(b) engine, as a user runs it" in out
     assert out.count("seconds per stage: decode") == 2 and "masked forwards" in out and "png write" in out
     assert "40 films (2 for the reference) x 3 prompts" in out
@@ -26,10 +30,7 @@ def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, 
 
 
 def test_body_mask_benchmark_reports_lungs_background_letters_and_time(cxr):
-    result = subprocess.run([sys.executable, "benchmarks/bench_body_mask.py", "--cxr", str(cxr), "--limit", "6",
-                             "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    out = _bench("bench_body_mask.py", "--cxr", cxr, "--limit", "6", "--repeats", "1")
     assert re.search(r"^6 films with lung masks \(\d+ with background\), 7 letters on 6 NIH films", out, re.M)
     kept = re.search(r"lung kept: median ([0-9.]+), 5th percentile ([0-9.]+), min ([0-9.]+); (\d+) of 6 films", out)
     assert kept and 0 <= float(kept.group(3)) <= float(kept.group(2)) <= float(kept.group(1)) <= 1
@@ -38,11 +39,7 @@ def test_body_mask_benchmark_reports_lungs_background_letters_and_time(cxr):
 
 
 def test_finish_benchmark_compares_the_former_and_current_cpu_part(cxr):
-    result = subprocess.run([sys.executable, "benchmarks/bench_finish.py", "--films", "2", "--prompts", "2",
-                             "--size", "256", "--crf-films", "1"], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    out = _bench("bench_finish.py", "--films", "2", "--prompts", "2", "--size", "256", "--crf-films", "1")
     for stage in ("body mask", "render", "png write", "all three"):
         assert re.search(rf"^\| {stage} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$", out, re.M), stage
     agreement = re.search(r"overlays differ by at most (\d+) grey level\(s\), raw maps differ in (\d+) of 4", out)
@@ -51,11 +48,7 @@ def test_finish_benchmark_compares_the_former_and_current_cpu_part(cxr):
 
 
 def test_methods_benchmark_times_both_packages_and_their_maps_agree(cxr):
-    result = subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--model", "resnet10t", "--films", "2",
-                             "--batch", "2", "--methods", "HiResCAM"], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    out = _bench("bench_methods.py", "--model", "resnet10t", "--films", "2", "--batch", "2", "--methods", "HiResCAM")
     assert "2 films from" in out and "timm resnet10t (random weights, 14 outputs) at layer4" in out
     for method in ("HiResCAM",):
         row = re.search(rf"^{re.escape(method)} +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)x +([0-9.]+)x +"

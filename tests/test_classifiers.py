@@ -17,10 +17,11 @@ from attention_map.maps import CAMError
 from attention_map.models import ModelLoadError, TargetError, load_model
 from attention_map.models.base import find_target_layer
 from attention_map.models.classifier import Classifier
-from attention_map.models.random_models import CLASSIFIER_ARCHS, ZONES, make_test_model
+from attention_map.models.random_models import CLASSIFIER_ARCHS, make_test_model
 from attention_map.outputs import read_csv
 from attention_map.plan import Job
 from attention_map.records import Prompt, Record
+from attention_map.synthetic import CHEST_ZONES
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -129,12 +130,12 @@ def test_targets_by_index_name_and_prediction_score_the_outputs(classifiers):
 
 def test_zone_targets_score_the_predicted_class_of_their_zone(classifiers):
     model = load_model(str(classifiers["zone-resnet"]), CPU)
-    assert model.output_names == ZONES
+    assert model.output_names == CHEST_ZONES
     with torch.no_grad():
         outputs = model.forward(torch.rand(1, 3, 224, 224))
     assert outputs.shape == (1, 6, 4)
     targets = model.targets(["left_mid", "right_inf"], outputs)
-    classes = [int(outputs[0, ZONES.index(z)].argmax()) for z in ("left_mid", "right_inf")]
+    classes = [int(outputs[0, CHEST_ZONES.index(z)].argmax()) for z in ("left_mid", "right_inf")]
     expected = torch.stack([outputs[:, 3, classes[0]], outputs[:, 4, classes[1]]], dim=1)
     assert targets.labels == ["left_mid", "right_inf"] and torch.equal(targets.score(outputs), expected)
     with pytest.raises(TargetError, match="zone outputs"):
@@ -146,7 +147,8 @@ def _cli(*args, cwd=REPO):
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("config, arch", [("timm_resnet", "timm-resnet"), ("torchvision_densenet", "torchvision-densenet"),
+@pytest.mark.parametrize("config, arch", [("timm_resnet", "timm-resnet"),
+                                          ("torchvision_densenet", "torchvision-densenet"),
                                           ("xrv_densenet", "xrv-densenet"), ("csi_zones", "zone-resnet")])
 def test_each_example_config_runs_offline_on_the_real_films(classifiers, cxr, tmp_path, config, arch):
     folder = classifiers[arch]
@@ -166,7 +168,7 @@ def test_each_example_config_runs_offline_on_the_real_films(classifiers, cxr, tm
         assert row["image_path"] == f"nih/{stem}_{row['prompt'] or 'predicted'}.png"
         assert (out / row["image_path"]).is_file()
     if config == "csi_zones":
-        assert [row["target"] for row in rows[:6]] == list(ZONES)
+        assert [row["target"] for row in rows[:6]] == list(CHEST_ZONES)
     if config == "xrv_densenet":
         assert {row["target"] for row in rows} == {"Cardiomegaly", "Effusion"}
 
@@ -183,7 +185,8 @@ def test_csv_targets_and_unknown_targets(classifiers, cxr, tmp_path):
     assert [(row["source_image"], row["target"]) for row in rows] == [(films[0].name, "left_sup"),
                                                                      (films[1].name, "right_inf")]
     errors = read_csv(out / "errors.csv")
-    assert len(errors) == 1 and errors[0]["row"] == "3" and errors[0]["stage"] == "record:target" and "'left_lung'" in errors[0]["reason"]
+    assert len(errors) == 1 and errors[0]["row"] == "3" and errors[0]["stage"] == "record:target"
+    assert "'left_lung'" in errors[0]["reason"]
     assert "right_sup, left_sup" in errors[0]["reason"]
     bad = _cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={films[0].parent}", f"MODEL={classifiers['zone-resnet']}",
                f"OUTPUT_DIR={tmp_path / 'bad'}", "DEVICE=cpu", "TARGETS=apex")

@@ -1,8 +1,9 @@
 """Every CAM_VERSION method, checked twice on a CNN (open_clip ModifiedResNet), a ViT (open_clip ViT) and a timm
-classifier (ResNet-10t), each with random weights, on a real film: against the method's published formula written here in numpy, from activations and
-gradients this file captures with its own hook; and against the `grad-cam` package (pytorch-grad-cam) on the same
-model, input, layer and target (the prompt's scaled cosine score as a one-class classifier; the classifier's output). All after
-pytorch-grad-cam's normalisation ((x - min) / (max + 1e-7), resized to the input, again): max |difference| <= 1e-4."""
+classifier (ResNet-10t), each with random weights, on a real film: against the method's published formula written
+here in numpy, from activations and gradients this file captures with its own hook; and against the `grad-cam`
+package (pytorch-grad-cam) on the same model, input, layer and target (the prompt's scaled cosine score as a
+one-class classifier; the classifier's output). All after pytorch-grad-cam's normalisation ((x - min) / (max + 1e-7),
+resized to the input, again): max |difference| <= 1e-4."""
 import numpy as np
 import pytest
 import torch

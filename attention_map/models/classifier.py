@@ -205,6 +205,15 @@ def _xrv(name: str, spec: str, weights: Path | None, kwargs: dict):
 LIBRARIES = {"timm:": _timm, "torchvision:": _torchvision, "xrv:": _xrv}
 
 
+def build(model_spec: str, spec: str, weights: Path | None, kwargs: dict):
+    """(module, input size, mean, std, output names) of `model_spec` ('timm:<name>', ...); with `weights` None the
+    library's own weights are loaded, else the module is built empty for them."""
+    prefix = next((p for p in LIBRARIES if model_spec.startswith(p)), None)
+    if prefix is None:
+        raise ModelLoadError(f"MODEL={spec}: \"model\" must start with {', '.join(LIBRARIES)}")
+    return LIBRARIES[prefix](model_spec[len(prefix):], spec, weights, kwargs)
+
+
 def load(spec: str, device: torch.device, weights: Path | None = None, target_names=()) -> Classifier:
     """The classifier MODEL names, in eval mode with gradients of its parameters off (maps need only the input's)."""
     folder_config: dict = {}
@@ -215,11 +224,7 @@ def load(spec: str, device: torch.device, weights: Path | None = None, target_na
         model_spec = folder_config["model"]
         if weights is None and folder_config.get("weights"):
             weights = folder / folder_config["weights"]
-    prefix = next((p for p in LIBRARIES if model_spec.startswith(p)), None)
-    if prefix is None:
-        raise ModelLoadError(f"MODEL={spec}: \"model\" must start with {', '.join(LIBRARIES)}")
-    module, size, mean, std, names = LIBRARIES[prefix](model_spec[len(prefix):], spec, weights,
-                                                       folder_config.get("model_kwargs", {}))
+    module, size, mean, std, names = build(model_spec, spec, weights, folder_config.get("model_kwargs", {}))
     if weights is not None:
         load_weights(module, Path(weights), spec)
     model = Classifier(module.to(device).eval().requires_grad_(False),

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import CLASSIFIER_CONFIG
+from ..synthetic import CHEST_ZONES
 
 BIOMEDCLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BIOMEDCLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,8 +50,6 @@ ARCHS = {
     },
 }
 
-ZONES = ("right_sup", "left_sup", "right_mid", "left_mid", "right_inf", "left_inf")   # chest zones, CSI order
-
 # Classifier folders (classifier_config.json, see models/classifier.py): one per library, and a six-zone score model
 # ([batch, zones, 4 severity classes]) as the zone-score convention has it.
 CLASSIFIER_ARCHS = {
@@ -59,7 +58,7 @@ CLASSIFIER_ARCHS = {
     "torchvision-densenet": {"model": "torchvision:densenet121", "model_kwargs": {"num_classes": 14}},
     "xrv-densenet": {"model": "xrv:densenet121-res224-all"},
     "zone-resnet": {"model": "timm:resnet10t", "model_kwargs": {"num_classes": 24}, "output_shape": [6, 4],
-                    "target_names": list(ZONES)},
+                    "target_names": list(CHEST_ZONES)},
 }
 
 # BiomedBERT's text config (BERT-base, uncased).
@@ -110,13 +109,12 @@ def _save(module: torch.nn.Module, path: Path, arch: str, seed: int) -> None:
 
 def _make_classifier(folder: Path, arch: str, seed: int) -> Path:
     """A classifier folder: its config and random weights (`model.safetensors`, also usable as MODEL_WEIGHTS)."""
-    from .classifier import LIBRARIES
+    from .classifier import build
 
     config = dict(CLASSIFIER_ARCHS[arch], weights="model.safetensors")
-    prefix = next(p for p in LIBRARIES if config["model"].startswith(p))
     torch.manual_seed(seed)
-    module = LIBRARIES[prefix](config["model"][len(prefix):], config["model"], folder / config["weights"],
-                               config.get("model_kwargs", {}))[0]
+    # built empty (weights given), as for loading a weights file: the random init is the model
+    module = build(config["model"], config["model"], folder / config["weights"], config.get("model_kwargs", {}))[0]
     _save(module, folder / config["weights"], arch, seed)
     (folder / CLASSIFIER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -27,7 +27,7 @@ CONFIG = {"model": "timm:resnet10t",
                            "output_stride": 16},
           "target_names": list(CHEST_ZONES), "image_size": [SIZE, SIZE], "mean": [0.5] * 3, "std": [0.25] * 3,
           "weights": "model.safetensors"}
-STEPS, BATCH, LEARNING_RATE, SEED = 150, 32, 2e-3, 0   # longer training moves the maps off the lesions (docs/methods.md)
+STEPS, BATCH, LEARNING_RATE, SEED = 150, 32, 2e-3, 0   # longer: the maps move off the lesions (docs/methods.md)
 HELD_OUT = 10_000_000          # check films' seeds start here; training films use seed * 1e6 + 0, 1, ...
 SHIPPED = Path(__file__).resolve().parents[2] / "examples" / "models" / "zone-classifier"   # in a source checkout
 
