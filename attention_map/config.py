@@ -18,6 +18,8 @@ COLORMAPS = ("jet", "turbo", "inferno", "hot", "custom_purple_red")
 # the names of attention_map.cams.CAM_METHODS (not imported: reading a config must not import torch)
 CAM_VERSIONS = ("gScoreCAM", "ScoreCAM", "GradCAM", "GradCAM++", "XGradCAM", "HiResCAM", "LayerCAM", "EigenCAM")
 RENAMED_KEYS = {"CAM_METHOD": "CAM_VERSION"}
+# the names of attention_map.body_mask.BODY_MASKS, and none
+BODY_MASKS = ("air", "otsu", "none")
 CLASSIFIER_PREFIXES = ("timm:", "torchvision:", "xrv:")
 CLASSIFIER_CONFIG = "classifier_config.json"   # a local classifier folder (see attention_map.models.classifier)
 
@@ -105,7 +107,11 @@ class Settings:
     WORKERS: int | None = _key(None, "post-processing processes (and up to 4 film decoders) working beside the "
                                "model (empty: the usable CPUs less one on cuda, 0 on cpu)", "int", low=0, optional=True)
     # Post-processing
-    ENABLE_BODY_MASK: bool = _key(True, "zero the map outside the body (Otsu mask of the film)", "bool")
+    BODY_MASK: str = _key("air", "zero the map outside the body: air (drops the air around the body, keeps every "
+                          "lung it can tell), otsu (the earlier mask, to reproduce older runs) or none", "choice",
+                          BODY_MASKS)
+    ENABLE_BODY_MASK: bool = _key(True, "false: no body mask, whatever BODY_MASK says (older experiment files)",
+                                  "bool")
     SKIP_CRF: bool = _key(True, "false: refine the map with a dense CRF against the film", "bool")
     CRF_ITERATIONS: int = _key(1, "CRF mean-field iterations (MedCLIP-SAM: 1)", "int", low=1, high=100)
     CRF_TAU: float = _key(1.05, "CRF unary temperature (MedCLIP-SAM: 1.05)", "float", low=1e-6)
@@ -129,6 +135,11 @@ class Settings:
     CONTAINER_IMAGE: str = _key("attention-map:latest", "docker/podman image, or apptainer .sif file or URI")
     OFFLINE: bool = _key(False, "true: never touch the network (hub models must be cached; containers: --network none)",
                          "bool")
+
+    @property
+    def body_mask(self) -> str | None:
+        """The body mask a run applies (a name of attention_map.body_mask.BODY_MASKS), or None."""
+        return self.BODY_MASK if self.ENABLE_BODY_MASK and self.BODY_MASK != "none" else None
 
     def to_conf(self) -> str:
         """The settings as a sourceable `.conf` text (one KEY=value line each)."""

@@ -15,7 +15,8 @@ from .config import Settings
 from .images import Film, ImageError
 from .maps import CAMError, grid_to_image
 from .plan import Job, Made
-from .postprocess import CRFParams, apply_mask, body_mask, crf_refine
+from .body_mask import body_mask
+from .postprocess import CRFParams, apply_mask, crf_refine
 from .render import overlay, raw_map_16bit
 from .timing import StageTimes
 
@@ -58,7 +59,7 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: lis
     written = []
     try:
         with _stage("post"), times("body mask"):
-            mask = body_mask(film) if settings.ENABLE_BODY_MASK else None
+            mask = body_mask(film, settings.body_mask) if settings.body_mask else None
         height, width = film.shape
         for job, grid_map, how in zip(jobs, grid_maps, made):
             notes = [how.warning]

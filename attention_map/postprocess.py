@@ -1,91 +1,10 @@
-"""Post-processing of a map against its film: the body mask and the dense-CRF refinement."""
+"""Post-processing of a map against its film: zeroing it outside the body mask (attention_map.body_mask) and the
+dense-CRF refinement."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
-from scipy import ndimage
-from skimage.filters import threshold_multiotsu, threshold_otsu
-
-_MASK_SIDE = 512          # the mask is computed on a copy of the film at most this large (speed; it is coarse)
-_KEEP_FRACTION = 0.2      # components at least this share of the largest are kept (two lung fields, say)
-_DILATION_FRACTION = 0.015  # of the longer side: a small margin so the body's edge is never cut
-_MARK_FRACTION = 0.03       # of the longer side: about the size of a burned-in letter
-_BAND_FRACTION = 0.2        # marks are looked for in this outer share of each side
-
-
-def body_mask(film: np.ndarray) -> np.ndarray:
-    """Boolean (H, W) mask of the body on a chest film.
-
-    Otsu threshold of the lightly blurred film, largest component(s), holes filled (the lungs are dark inside a
-    bright rib cage) and each row's span between the body's outermost pixels closed, then a small dilation.
-    Burned-in letters and markers in the corners are separate small components and fall outside.
-    """
-    height, width = film.shape
-    scale = min(1.0, _MASK_SIDE / max(height, width))
-    small = cv2.resize(film, (max(2, round(width * scale)), max(2, round(height * scale))),
-                       interpolation=cv2.INTER_AREA) if scale < 1 else film
-    small = cv2.GaussianBlur(small.astype(np.float32), (0, 0), sigmaX=2)
-    if small.max() - small.min() < 1e-6:
-        return np.ones(film.shape, bool)
-    foreground = small > _body_threshold(small)
-    labels, count = ndimage.label(foreground)
-    if count == 0:
-        return np.ones(film.shape, bool)
-    sizes = ndimage.sum_labels(foreground, labels, index=np.arange(1, count + 1))
-    keep = np.flatnonzero(sizes >= _KEEP_FRACTION * sizes.max()) + 1
-    mask = np.isin(labels, keep)
-    mask = ndimage.binary_fill_holes(mask)
-    mask = _close_rows(mask)
-    mask = cv2.dilate(mask.astype(np.uint8), _disk(_DILATION_FRACTION * max(mask.shape))).astype(bool)
-    mask &= ~_burned_in_marks(small)
-    if mask.shape != film.shape:
-        mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
-    return mask
-
-
-def _disk(radius: float) -> np.ndarray:
-    radius = max(1, round(radius))
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-
-
-def _burned_in_marks(small: np.ndarray) -> np.ndarray:
-    """Small, near-white, high-contrast marks (side letters, "PORTABLE", arrows) in the film's outer band.
-
-    Lead markers are the brightest thing on a film and much brighter than their surroundings (white top-hat);
-    bone is bright too but broad, and the band keeps the search away from the chest's centre.
-    """
-    height, width = small.shape
-    tophat = cv2.morphologyEx(small, cv2.MORPH_TOPHAT, _disk(_MARK_FRACTION * max(small.shape)))
-    marks = (small > 0.75) & (tophat > 0.2)
-    band = np.ones_like(marks)
-    by, bx = round(_BAND_FRACTION * height), round(_BAND_FRACTION * width)
-    band[by:height - by, bx:width - bx] = False
-    marks &= band
-    return cv2.dilate(marks.astype(np.uint8), _disk(_MARK_FRACTION * max(small.shape) / 2)).astype(bool)
-
-
-def _body_threshold(small: np.ndarray) -> float:
-    """The grey level between the air around the body and everything else.
-
-    Three-class Otsu (air, lung and soft tissue, bone): the lowest threshold. Lungs are as dark as soft tissue at
-    the body's edge, so a two-class Otsu can cut the lungs off from the body on thin or well-exposed films.
-    """
-    try:
-        return float(threshold_multiotsu(small, classes=3)[0])
-    except ValueError:  # too few grey levels for three classes
-        return float(threshold_otsu(small))
-
-
-def _close_rows(mask: np.ndarray) -> np.ndarray:
-    """Fill each row between its first and last body pixel (lungs open to the top are inside the body too)."""
-    out = mask.copy()
-    rows = np.flatnonzero(mask.any(axis=1))
-    for row in rows:
-        columns = np.flatnonzero(mask[row])
-        out[row, columns[0]:columns[-1] + 1] = True
-    return out
 
 
 def apply_mask(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, str]:

@@ -30,7 +30,8 @@ from attention_map import heatmaps  # noqa: E402
 from attention_map.config import load_settings  # noqa: E402
 from attention_map.maps import grid_to_image  # noqa: E402
 from attention_map.plan import Job, Made  # noqa: E402
-from attention_map.postprocess import apply_mask, body_mask, crf_refine  # noqa: E402
+from attention_map.body_mask import body_mask  # noqa: E402
+from attention_map.postprocess import apply_mask, crf_refine  # noqa: E402
 from attention_map.render import colormap_lut, raw_map_16bit  # noqa: E402
 from attention_map.timing import StageTimes  # noqa: E402
 

@@ -35,7 +35,8 @@ from attention_map.config import Settings  # noqa: E402
 from attention_map.images import load_film  # noqa: E402
 from attention_map.models import load_model  # noqa: E402
 from attention_map.pipeline import resolve_device, run  # noqa: E402
-from attention_map.postprocess import CRFParams, apply_mask, body_mask, crf_refine  # noqa: E402
+from attention_map.body_mask import body_mask  # noqa: E402
+from attention_map.postprocess import CRFParams, apply_mask, crf_refine  # noqa: E402
 from attention_map.render import overlay  # noqa: E402
 from attention_map.timing import StageTimes  # noqa: E402
 from reference_gscorecam import reference_gscorecam  # noqa: E402

@@ -34,8 +34,12 @@ def test_body_mask_benchmark_reports_lungs_background_letters_and_time(cxr):
     assert re.search(r"^6 films with lung masks \(\d+ with background\), 7 letters on 6 NIH films", out, re.M)
     kept = re.search(r"lung kept: median ([0-9.]+), 5th percentile ([0-9.]+), min ([0-9.]+); (\d+) of 6 films", out)
     assert kept and 0 <= float(kept.group(3)) <= float(kept.group(2)) <= float(kept.group(1)) <= 1
-    assert re.search(r"letters dropped: min 1\.000, mean 1\.000 over 7 letters", out)   # the Otsu mask's, as tested
+    assert re.findall(r"^(\w+)\n  lung kept", out, re.M) == ["otsu", "air"]
+    assert len(re.findall(r"letters dropped: min 1\.000, mean 1\.000 over 7 letters", out)) == 2   # as tested
+    hard = re.findall(r"hard cases: lung kept at least ([0-9.]+) \(.*\); (\d+) of 10 under 0\.99", out)
+    assert len(hard) == 2 and float(hard[1][0]) >= 0.99 and hard[1][1] == "0" and float(hard[0][0]) < 0.9
     assert re.search(r"[0-9.]+ ms per film at 1024 x 1024 \(1\.00x otsu\)", out)
+    assert re.search(r"[0-9.]+ ms per film at 1024 x 1024 \([0-9.]+x otsu\)", out.split("\nair\n")[1])
 
 
 def test_finish_benchmark_compares_the_former_and_current_cpu_part(cxr):

@@ -49,6 +49,20 @@ def test_cam_method_of_older_files_points_to_cam_version_whose_values_take_any_c
         load_settings(None, {**data, "CAM_VERSION": "GradCAM+"})
 
 
+def test_body_mask_is_chosen_by_name_and_enable_body_mask_false_still_means_none(tmp_path):
+    from attention_map.body_mask import BODY_MASKS
+
+    data = {"DATA_FILE": str(tmp_path / "records.jsonl")}
+    (tmp_path / "records.jsonl").write_text("")
+    assert load_settings(None, data)[0].body_mask == "air"
+    assert load_settings(None, {**data, "BODY_MASK": "Otsu"})[0].body_mask == "otsu"
+    assert load_settings(None, {**data, "BODY_MASK": "none"})[0].body_mask is None
+    assert load_settings(None, {**data, "ENABLE_BODY_MASK": "false", "BODY_MASK": "otsu"})[0].body_mask is None
+    with pytest.raises(ConfigError, match=re.escape("BODY_MASK='lungs' is not one of air, otsu, none")):
+        load_settings(None, {**data, "BODY_MASK": "lungs"})
+    assert set(Settings.__dataclass_fields__["BODY_MASK"].metadata["choices"]) == set(BODY_MASKS) | {"none"}
+
+
 def test_every_bad_value_is_reported_one_line_each(tmp_path):
     conf = _conf(tmp_path, 'DATA_FILE=/no/such/file.jsonl\nTOPK=0\nALPHA=2\nCOLORMAP=rainbow\nSKIP_CRF=maybe\n'
                            'BATCH_SIZE=big\nMODEL=/no/such/model\n')
