@@ -102,8 +102,9 @@ class Settings:
                                "classes] output), e.g. right_sup,left_sup,right_mid,left_mid,right_inf,left_inf",
                                "list")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
-    BATCH_SIZE: int | None = _key(None, "masked images per forward pass (empty: 256 on cuda, 64 on cpu)", "int",
-                                  low=1, optional=True)
+    BATCH_SIZE: int | None = _key(None, "images per forward pass: masked images (gScoreCAM, ScoreCAM; empty: 256 on "
+                                  "cuda, 64 on cpu), or films (the gradient methods, EigenCAM; empty: 64 on cuda, 4 "
+                                  "on cpu)", "int", low=1, optional=True)
     WORKERS: int | None = _key(None, "post-processing processes (and up to 4 film decoders) working beside the "
                                "model (empty: the usable CPUs less one on cuda, 0 on cpu)", "int", low=0, optional=True)
     # Post-processing

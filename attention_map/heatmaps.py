@@ -1,6 +1,6 @@
-"""The heatmaps of one film: the model's part (CAM on the patch grid, in the main process) and the CPU's part
-(body mask, CRF, colour map, PNGs; `finish`, which may run in a worker process), with failures named by the stage
-they happened in.
+"""The heatmaps of films: the model's part (CAM on the patch grid of a batch of films, in the main process) and each
+film's CPU part (body mask, CRF, colour map, PNGs; `finish`, which may run in a worker process), with failures named
+by the stage they happened in.
 
 This module imports no torch, so worker processes that only run `finish` start fast and stay small.
 """
@@ -21,26 +21,39 @@ from .render import overlay, raw_map_16bit
 from .timing import StageTimes
 
 
-def explain(model, cam, film: Film, jobs: list[Job], fallback=None) -> tuple[list, list[Made]]:
-    """The film's maps on the patch grid, one per job, and how each was made (method, target, score, warnings so
-    far: what the reader assumed, flat map, truncated prompt). Where `cam` cannot run for this film (CAMError) the
-    `fallback` method makes the maps, and their warning says so.
+def explain(model, cam, films: list[Film], jobs: list[list[Job]], fallback=None) -> list:
+    """The maps on the patch grid of a batch of films, one per job, and how each was made (method, target, score,
+    warnings so far: what the reader assumed, flat map, truncated prompt); a StageError("cam") in place of a film's
+    pair where its maps could not be made.
 
-    Raises StageError("cam")."""
-    names = [job.prompt.text for job in jobs]
-    with _stage("cam"):
-        pixels = model.prepare(film.pixels)
-        try:
-            grid_maps, method, why = cam.explain(pixels, names), cam.name, ""
-        except CAMError as error:
-            if fallback is None:
-                raise
-            grid_maps, method = fallback.explain(pixels, names), fallback.name
-            why = f"made by FALLBACK_CAM={fallback.name}: {cam.name} could not run ({error})"
-    made = [Made(method, grid_map.target, grid_map.score,
-                 "; ".join(w for w in (film.warning, why, grid_map.warning, model.note(name)) if w))
-            for name, grid_map in zip(names, grid_maps)]
-    return [grid_map.cam for grid_map in grid_maps], made
+    One `explain_batch` for the whole batch (gradient methods: one forward, one backward per target), over every
+    target any film of the batch asks for. Where `cam` cannot run (CAMError) the `fallback` method makes the maps,
+    and their warning says so. Where the batch fails, each film is tried alone, so that a bad film costs only itself.
+    """
+    names = list(dict.fromkeys(job.prompt.text for film_jobs in jobs for job in film_jobs))
+    try:
+        with _stage("cam"):
+            pixels = model.prepare_batch([film.pixels for film in films])
+            try:
+                batch_maps, method, why = cam.explain_batch(pixels, names), cam.name, ""
+            except CAMError as error:
+                if fallback is None:
+                    raise
+                batch_maps, method = fallback.explain_batch(pixels, names), fallback.name
+                why = f"made by FALLBACK_CAM={fallback.name}: {cam.name} could not run ({error})"
+    except StageError as error:
+        if len(films) == 1:
+            return [error]
+        return [result for film, film_jobs in zip(films, jobs)
+                for result in explain(model, cam, [film], [film_jobs], fallback)]
+    results = []
+    for film, film_jobs, grid_maps in zip(films, jobs, batch_maps):
+        mine = [grid_maps[names.index(job.prompt.text)] for job in film_jobs]
+        made = [Made(method, grid_map.target, grid_map.score,
+                     "; ".join(w for w in (film.warning, why, grid_map.warning, model.note(job.prompt.text)) if w))
+                for job, grid_map in zip(film_jobs, mine)]
+        results.append(([grid_map.cam for grid_map in mine], made))
+    return results
 
 
 def crf_params(settings: Settings) -> CRFParams:

@@ -149,6 +149,14 @@ def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
     return batch_size or (256 if device.type == "cuda" else 64)
 
 
+def resolve_films_per_batch(cam, batch_size: int | None, device: torch.device) -> int:
+    """Films per forward: BATCH_SIZE for a method that explains a batch at once, else 1. By default 64 on CUDA and 4
+    on the CPU, where larger batches were slower (docs/benchmarks.md, films per forward)."""
+    if not cam.batches_films:
+        return 1
+    return batch_size or (64 if device.type == "cuda" else 4)
+
+
 class _Films(torch.utils.data.Dataset):
     """Films decoded (in DataLoader workers when WORKERS > 0): (position, Film or None, error or None, seconds)."""
 
@@ -208,24 +216,28 @@ def _submit(pool: Executor | None, function, *args) -> Future:
     return future
 
 
-def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress,
-                   rows: dict[int, outputs.ManifestRow]) -> dict[Source, list[Job]]:
+def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, rows: dict[int, outputs.ManifestRow],
+                   films_per_batch: int) -> dict[Source, list[Job]]:
     """The films still to make; the manifest rows of the finished ones go into `rows`.
 
-    A film is skipped only when all its heatmaps are done: the prompts of one film share their masked forwards,
-    so making the missing ones alone would not reproduce an uninterrupted run bit for bit.
+    Films are explained in batches of `films_per_batch` at fixed places in the shard's list, and a batch is skipped
+    only when all the heatmaps of its films are done: the prompts of one film share their masked forwards, and the
+    films of one batch their forward, so making the missing ones alone would not reproduce an uninterrupted run bit
+    for bit.
     """
-    todo = {}
-    for film, jobs in films.items():
-        finished = [progress.finished(job.overlay, job.prompt.text) for job in jobs]
-        if all(finished):
-            for job, entry in zip(jobs, finished):
+    todo, sources = {}, list(films)
+    for start in range(0, len(sources), films_per_batch):
+        batch = sources[start:start + films_per_batch]
+        finished = {film: [progress.finished(job.overlay, job.prompt.text) for job in films[film]] for film in batch}
+        if not all(all(entries) for entries in finished.values()):
+            todo.update((film, films[film]) for film in batch)
+            continue
+        for film in batch:
+            for job, entry in zip(films[film], finished[film]):
                 job = dataclasses.replace(job, frame=entry.get("frame"))
                 # an entry of an older version has another settings fingerprint and never gets here
                 made = Made(entry["method"], entry["target"], entry["score"], entry["warning"])
                 rows[job.index] = manifest_row(job, entry["raw_map"], made)
-        else:
-            todo[film] = jobs
     return todo
 
 
@@ -256,7 +268,8 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     progress = shards.Progress(settings.OUTPUT_DIR, shard, shards.fingerprint(settings),
                                read_existing=settings.RESUME and not settings.OVERWRITE)
     rows: dict[int, outputs.ManifestRow] = {}
-    todo = _skip_finished(mine, progress, rows)
+    films_per_batch = resolve_films_per_batch(CAM_METHODS[settings.CAM_VERSION], settings.BATCH_SIZE, device)
+    todo = _skip_finished(mine, progress, rows, films_per_batch)
     summary.skipped = len(rows)
     if summary.skipped:
         log.info("resuming: %d heatmaps already done are skipped, %d to make", summary.skipped, total - summary.skipped)
@@ -270,8 +283,10 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     cam, fallback = (make_cam(name, model, settings, device) if name else None
                      for name in (settings.CAM_VERSION, settings.FALLBACK_CAM))
     workers = resolve_workers(settings.WORKERS, device)
-    log.info("model %s on %s, %s at %s%s, batch size %d, %s masked forwards, %d workers", settings.MODEL, device,
-             cam.name, cam.target_layer, f" (FALLBACK_CAM={fallback.name})" if fallback else "", cam.batch_size,
+    log.info("model %s on %s, %s at %s%s, %s, %s masked forwards, %d workers", settings.MODEL, device, cam.name,
+             cam.target_layer, f" (FALLBACK_CAM={fallback.name})" if fallback else "",
+             f"{films_per_batch} film{'s' * (films_per_batch > 1)} per forward" if cam.batches_films
+             else f"batch size {cam.batch_size}",
              cam.precision, workers)
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
@@ -327,29 +342,45 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
             bar.update(1)
             bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures)
 
-    sources = list(todo)
+    def post_process(source: Source, film, jobs: list[Job], grid_maps: list, made: list[Made]) -> None:
+        nonlocal pool
+        task = (heatmaps.finish, settings, film.pixels, jobs, grid_maps, made)
+        try:
+            future = _submit(pool, *task)
+        except BrokenProcessPool:   # a worker died: the films in flight fail (see collect), a new pool goes on
+            pool.shutdown(wait=False)
+            pool = _post_pool(workers)
+            future = _submit(pool, *task)
+        pending.append((str(source), jobs, future))
+
+    def explain(batch: list[tuple[Source, object, list[Job]]]) -> None:
+        """The model's part of a batch of decoded films; each film's CPU part goes to the pool."""
+        results = heatmaps.explain(model, cam, [film for _, film, _ in batch], [jobs for *_, jobs in batch], fallback)
+        for (source, film, jobs), result in zip(batch, results):
+            if isinstance(result, StageError):
+                failed(str(source), jobs, result)
+                bar.update(1)
+            else:
+                post_process(source, film, jobs, *result)
+        batch.clear()
+        collect(wait_all=False)
+
+    sources, batch = list(todo), []
+    batch_of = {source: number // films_per_batch for number, source in enumerate(mine)}
+    ends_a_batch = [i + 1 == len(sources) or batch_of[sources[i + 1]] != batch_of[source]
+                    for i, source in enumerate(sources)]
     try:
         for position, film, load_error, seconds in _films(settings, sources, workers):
             times.add("decode", seconds)
-            image_path, jobs = str(sources[position]), todo[sources[position]]
-            try:
-                if load_error is not None:
-                    raise StageError.of("load", load_error)
-                jobs = [dataclasses.replace(job, frame=film.frame) for job in jobs]   # first/middle, resolved
-                grid_maps, made = heatmaps.explain(model, cam, film, jobs, fallback)
-            except StageError as error:
-                failed(image_path, jobs, error)
+            source = sources[position]
+            if load_error is not None:
+                failed(str(source), todo[source], StageError.of("load", load_error))
                 bar.update(1)
             else:
-                task = (heatmaps.finish, settings, film.pixels, jobs, grid_maps, made)
-                try:
-                    future = _submit(pool, *task)
-                except BrokenProcessPool:   # a worker died: the films in flight fail (see collect), a new pool goes on
-                    pool.shutdown(wait=False)
-                    pool = _post_pool(workers)
-                    future = _submit(pool, *task)
-                pending.append((image_path, jobs, future))
-            collect(wait_all=False)
+                jobs = [dataclasses.replace(job, frame=film.frame) for job in todo[source]]   # first/middle, resolved
+                batch.append((source, film, jobs))
+            if ends_a_batch[position] and batch and not summary.stopped:
+                explain(batch)
             if summary.stopped:
                 break
         collect(wait_all=True)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -193,6 +194,52 @@ def test_csv_targets_and_unknown_targets(classifiers, cxr, tmp_path):
     assert bad.returncode == 2 and "TARGETS: target 'apex'" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_gradient_methods_explain_films_in_batches_and_a_rerun_redoes_a_batch_whole(classifiers, cxr, tmp_path):
+    """BATCH_SIZE films per forward and backward; the maps are those of one film at a time (up to float rounding),
+    and a rerun after an interruption inside a batch remakes that batch whole, so every byte is as an uninterrupted
+    run's."""
+    import hashlib
+    import shutil
+
+    def run(out, batch, *extra):
+        return _cli("run", "--config", "configs/examples/timm_resnet.conf", f"IMAGE_ROOT={cxr}", f"OUTPUT_DIR={out}",
+                    "STOP_AFTER=5", "DEVICE=cpu", "OFFLINE=true", "SAVE_RAW_CAM=true", f"BATCH_SIZE={batch}",
+                    f"MODEL_WEIGHTS={classifiers['timm-resnet'] / 'model.safetensors'}", *extra)
+
+    def digests(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*.png"))}
+
+    batched = run(tmp_path / "batched", 2)
+    assert batched.returncode == 0, batched.stderr
+    assert "GradCAM at layer4, 2 films per forward" in batched.stderr
+    one_by_one = run(tmp_path / "one", 1)
+    assert one_by_one.returncode == 0 and "1 film per forward" in one_by_one.stderr
+    rows = read_csv(tmp_path / "batched" / "vqa_manifest.csv")
+    assert len(rows) == 5
+    for row, alone in zip(rows, read_csv(tmp_path / "one" / "vqa_manifest.csv")):
+        assert row["image_path"] == alone["image_path"]
+        assert abs(float(row["score"]) - float(alone["score"])) < 1e-4
+        maps = [cv2.imread(str(folder / row["raw_map"]), cv2.IMREAD_UNCHANGED).astype(int)
+                for folder in (tmp_path / "batched", tmp_path / "one")]
+        assert np.abs(maps[0] - maps[1]).max() <= 2      # of 65535
+
+    # interrupted after the first film of the second batch (films 2 and 3): its journal line and files are gone
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "batched", again)
+    journal = again / "shards" / "progress-0000-of-0001.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(line for line in lines if rows[3]["image_path"] not in line))
+    (again / rows[3]["image_path"]).unlink()
+    (again / rows[3]["raw_map"]).unlink()
+    (again / "vqa_manifest.csv").unlink()
+    resumed = run(again, 2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 heatmaps written, 0 failed, 3 already done" in resumed.stdout    # films 2 and 3
+    assert digests(again) == digests(tmp_path / "batched")
+    assert read_csv(again / "vqa_manifest.csv") == rows
+
+
 class _NoGradientToLayer(torch.nn.Module):
     """A classifier whose head reads a detached copy of its last feature map: no gradient reaches that layer."""
 
@@ -213,10 +260,10 @@ def test_fallback_cam_stands_in_where_the_method_cannot_run_and_says_so(cxr):
     record = Record(1, "nih/00000001_000.png", "", "", "0", "")
     jobs = [Job(0, Prompt(record, "1"), "a_1.png")]
     grad, eigen = CAM_METHODS["GradCAM"](model), CAM_METHODS["EigenCAM"](model)
-    with pytest.raises(heatmaps.StageError) as error:
-        heatmaps.explain(model, grad, film, jobs)
-    assert error.value.stage == "cam" and "does not depend on TARGET_LAYER=features" in error.value.reason
-    maps, made = heatmaps.explain(model, grad, film, jobs, fallback=eigen)
+    [error] = heatmaps.explain(model, grad, [film], [jobs])
+    assert isinstance(error, heatmaps.StageError)
+    assert error.stage == "cam" and "does not depend on TARGET_LAYER=features" in error.reason
+    [(maps, made)] = heatmaps.explain(model, grad, [film], [jobs], fallback=eigen)
     assert made[0].method == "EigenCAM" and "FALLBACK_CAM=EigenCAM: GradCAM could not run" in made[0].warning
     assert made[0].target == "1" and maps[0].shape == (32, 32) and maps[0].max() > 0
     with pytest.raises(CAMError):   # ScoreCAM needs no gradient either, gScoreCAM does

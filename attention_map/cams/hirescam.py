@@ -2,8 +2,6 @@
 (Grad-CAM without averaging the gradients away, so the map shows where the score actually came from)."""
 from __future__ import annotations
 
-import torch
-
 from .base import GradientCAM
 
 

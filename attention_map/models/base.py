@@ -69,6 +69,10 @@ class ModelAdapter(ABC):
         std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
         return ((channels - mean) / std).contiguous()
 
+    def prepare_batch(self, films: list[np.ndarray]) -> torch.Tensor:
+        """`prepare` of each film, as one (B, channels, H, W) batch."""
+        return torch.cat([self.prepare(film) for film in films])
+
     def default_target_layer(self) -> str:
         """The layer TARGET_LAYER=auto explains, found by one dry forward (see `find_target_layer`)."""
         return self._probe()[0]
