@@ -38,13 +38,12 @@ def air_mask(film: np.ndarray) -> np.ndarray:
 
     Air is what is both dark and joined to the film's edges. "Dark" is measured on the film itself: below a point
     between the grey of the film's edges and the grey of its lungs (the dark pixels of its centre), and not at all
-    on a film whose edges are not clearly darker than its lungs (a tight crop has no air). Air that opens onto a
-    single edge and reaches deep into the film is a lung cut by that edge (cropped figures, a dark lung on a portable
-    film), and stays. Constant padding (a black or white border) is never body. Burned-in marks (letters, markers)
+    on a film whose edges are not clearly darker than its lungs (a tight crop has no air). Dark parts opening onto the
+    top edge alone (apices of a film cropped through them), or deep onto one other edge (a lung cut by that edge:
+    cropped figures, a dark lung on a portable film), stay. Constant padding (a black or white border) is never body. Burned-in marks (letters, markers)
     are compact, near-white blobs much brighter than their surroundings in the film's outer band; only those on the
     air, or of a contrast bone never has, are cut out, so ribs and clavicles stay.
     """
-    height, width = film.shape
     mask = np.zeros(film.shape, bool)
     y0, y1, x0, x1 = content_box(film)
     if y1 - y0 < 2 or x1 - x0 < 2:

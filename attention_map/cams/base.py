@@ -32,10 +32,9 @@ class BaseCAM(ABC):
 
     name = "base"
     needs_gradients = True   # False: the method weights the activations alone, and the backward is skipped
-    batches_films = False    # True: `explain_batch` explains a batch of inputs at once (the run batches films)
-    # Where the gradient pass starts its autograd graph: at the input (gScoreCAM's, whose maps stay as they were made)
-    # or at the target layer (less memory and time per input, for the methods that explain batches of films)
-    graph_from_layer = False
+    # True: `explain_batch` explains a batch of inputs at once (the run batches films), and the gradient pass starts
+    # its autograd graph at the target layer, not the input (gScoreCAM's maps stay as they were made)
+    batches_films = False
 
     def __init__(self, model: ModelAdapter, target_layer: str = "auto", batch_size: int = 64,
                  precision: str = "fp32"):
@@ -86,13 +85,13 @@ class BaseCAM(ABC):
     def _capture(self):
         """Keep the target layer's output while the block runs; the hook is always removed.
 
-        With `graph_from_layer` the output goes on as a copy that starts the autograd graph afresh: the gradients are
+        With `batches_films` the output goes on as a copy that starts the autograd graph afresh: the gradients are
         wanted at this layer only, so nothing before it need record what a backward would use (every earlier layer's
         activations, for each input of a batch). The copy is what the model reads on, in-place changes included."""
         store = {}
 
         def keep(module, args, output):
-            if self.graph_from_layer and isinstance(output, torch.Tensor):
+            if self.batches_films and isinstance(output, torch.Tensor):
                 output = output.detach().requires_grad_(True).clone()
             store["out"] = output
             return output
@@ -114,7 +113,7 @@ class BaseCAM(ABC):
         masked forwards, which are.
         """
         with self._capture() as store, torch.enable_grad():
-            outputs = self.model.forward(pixels if self.graph_from_layer else pixels.detach().clone().requires_grad_())
+            outputs = self.model.forward(pixels if self.batches_films else pixels.detach().clone().requires_grad_())
             targets = [self.model.targets(names, outputs[i:i + 1].detach()) for i in range(len(pixels))]
             scores = torch.cat([t.score(outputs[i:i + 1]) for i, t in enumerate(targets)])   # (B, Q)
             output = store.get("out")
@@ -166,7 +165,6 @@ class GradientCAM(BaseCAM):
     and one backward per target, no masked forwards. Subclasses implement `combine`."""
 
     batches_films = True
-    graph_from_layer = True
 
     def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int | None = None):
         super().__init__(model, target_layer, batch_size, precision)   # TOPK is gScoreCAM's: every channel counts here
