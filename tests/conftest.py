@@ -34,16 +34,16 @@ _retrain: dict = {}
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that build the Docker image run last: the build needs many GB of disk for a while, and when a machine
-    runs short, the other tests have run on a disk with room. When the toy model's retrain is among the tests, it
-    starts now (with the zone classifier's after it) in a process of its own on one thread, so that its minutes overlap
-    the other tests, and the tests go
-    on at a lower priority (nice 5), so that the retrain, the longest single piece, keeps its core; its test runs
-    last and waits for it."""
+    """The cluster tests (a Slurm array, the Docker image) run first: much of their time is spent waiting on the
+    scheduler, the network and the disk, which at the end of the session (the retrain done) would leave a core idle,
+    and at the start overlaps the retrain. When the toy model's retrain is among the tests, it starts
+    now (with the zone classifier's after it) in a process of its own on one thread, so that its minutes overlap the
+    other tests, and the tests go on at a lower priority (nice 5), so that the retrain, the longest single piece, keeps
+    its core; its test runs last and waits for it."""
     def retrains(item) -> bool:
         return any(name in getattr(item, "fixturenames", ()) for name in RETRAINS)
 
-    items.sort(key=lambda item: (retrains(item), "docker_image" in getattr(item, "fixturenames", ())))
+    items.sort(key=lambda item: (retrains(item), item.path.name != "test_cluster.py"))
     wanted = sorted({name for item in items for name in RETRAINS if name in getattr(item, "fixturenames", ())})
     if wanted:
         work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
