@@ -54,7 +54,7 @@ def air_mask(film: np.ndarray) -> np.ndarray:
         mask[y0:y1, x0:x1] = True
         return mask
     air = _dark_air(blur)
-    marks = _marks(small, air, on_air=True)
+    marks = _marks(small, air)
     body = _largest_components(~_reaching_the_edges(air | marks))
     if not body.any():   # nothing but air: nothing to tell the body by
         body[:] = True
@@ -142,12 +142,12 @@ def _reaching_the_edges(air: np.ndarray) -> np.ndarray:
     return background[labels]
 
 
-def _marks(small: np.ndarray, air: np.ndarray | None = None, on_air: bool = False) -> np.ndarray:
+def _marks(small: np.ndarray, air: np.ndarray | None = None) -> np.ndarray:
     """Burned-in marks (side letters, "PORTABLE", arrows) in the film's outer band.
 
     Lead markers are the brightest thing on a film and much brighter than their surroundings (white top-hat); bone
-    is bright too but broad, and the band keeps the search away from the chest's centre. With `on_air`, only the
-    marks lying on `air` or of a contrast that bone does not reach are kept, and cut with a narrow margin (the `air`
+    is bright too but broad, and the band keeps the search away from the chest's centre. Given the `air`, only the
+    marks lying on it or of a contrast that bone does not reach are kept, and cut with a narrow margin (the `air`
     mask); without, every candidate is cut with a wide one (the `otsu` mask).
     """
     height, width = small.shape
@@ -156,7 +156,7 @@ def _marks(small: np.ndarray, air: np.ndarray | None = None, on_air: bool = Fals
     candidates = ((small > 0.75) & (tophat > 0.2)).astype(np.uint8)
     by, bx = round(_BAND_FRACTION * height), round(_BAND_FRACTION * width)
     candidates[by:height - by, bx:width - bx] = 0
-    if not on_air:
+    if air is None:
         return cv2.dilate(candidates, _disk(_MARK_FRACTION * side / 2)).astype(bool)
     labels, count = ndimage.label(candidates)
     if count == 0:

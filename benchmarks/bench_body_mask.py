@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))   # the letters located by hand are the tests' truth
 from attention_map.images import load_film  # noqa: E402
-from attention_map.body_mask import BODY_MASKS  # noqa: E402
+from attention_map.body_mask import BODY_MASKS, content_box  # noqa: E402
 from cxr_truth import LETTERS, LUNG_OUTLINES  # noqa: E402
 
 CXR = REPO.parent / "shared" / "data" / "cxr"
@@ -48,15 +48,9 @@ HAS_BACKGROUND = 0.01     # films whose reference background is at least this sh
 def padding(film: np.ndarray) -> np.ndarray:
     """Rows and columns at the film's edge that hold a single grey value, and the pixels of that grey joined to them
     (the wedge a rotated scan leaves)."""
-    out = np.zeros(film.shape, bool)
-    for axis in (0, 1):
-        lines = film if axis == 0 else film.T
-        flat = np.ptp(lines, axis=1) < 1 / 255
-        start = np.argmin(flat) if not flat.all() else len(flat)
-        end = np.argmin(flat[::-1]) if not flat.all() else len(flat)
-        target = out if axis == 0 else out.T
-        target[:start] = True
-        target[len(flat) - end:] = True
+    y0, y1, x0, x1 = content_box(film)
+    out = np.ones(film.shape, bool)
+    out[y0:y1, x0:x1] = False
     if not out.any() or out.all():
         return out
     same = np.zeros(film.shape, bool)
