@@ -113,7 +113,8 @@ class Settings:
                           BODY_MASKS)
     ENABLE_BODY_MASK: bool = _key(True, "false: no body mask, whatever BODY_MASK says (older experiment files)",
                                   "bool")
-    SKIP_CRF: bool = _key(True, "false: refine the map with a dense CRF against the film", "bool")
+    SKIP_CRF: bool | None = _key(None, "false: refine the map with a dense CRF against the film; empty: true for "
+                                 "OUTPUT_KIND=heatmap, false where boxes are made", "bool", optional=True)
     CRF_ITERATIONS: int = _key(1, "CRF mean-field iterations (MedCLIP-SAM: 1)", "int", low=1, high=100)
     CRF_TAU: float = _key(1.05, "CRF unary temperature (MedCLIP-SAM: 1.05)", "float", low=1e-6)
     CRF_GAUSSIAN_SXY: float = _key(3.0, "CRF smoothness kernel width in pixels (MedCLIP-SAM: 3)", "float", low=1e-6)
@@ -130,12 +131,30 @@ class Settings:
                         high=1.0)
     SAVE_RAW_CAM: bool = _key(False, "also write the map as a 16-bit grey PNG (<name>_cam.png, 0..65535 = 0..1)",
                               "bool")
+    # Boxes
+    OUTPUT_KIND: str = _key("heatmap", "heatmap: overlays; boxes: boxes drawn on the film (<name>_boxes.png) and "
+                            "boxes.jsonl; both", "choice", ("heatmap", "boxes", "both"))
+    BOX_THRESHOLD: str = _key("otsu", "a box's region: the map above Otsu's threshold (otsu), or above this fraction "
+                              "of the map's peak (e.g. 0.5)", "threshold")
+    BOX_MIN_AREA: float = _key(0.005, "regions smaller than this share of the film get no box", "float", low=0.0,
+                               high=1.0)
+    BOX_PADDING: float = _key(0.1, "margin added on each side of a box, as a share of the box's own width and height",
+                              "float", low=0.0, high=1.0)
     # Cluster (read by scripts/run_heatmap_gen.sh; OFFLINE also by the run)
     CONTAINER: str = _key("none", "run inside a container: none, docker, podman or apptainer", "choice",
                           ("none", "docker", "podman", "apptainer"))
     CONTAINER_IMAGE: str = _key("attention-map:latest", "docker/podman image, or apptainer .sif file or URI")
     OFFLINE: bool = _key(False, "true: never touch the network (hub models must be cached; containers: --network none)",
                          "bool")
+
+    @property
+    def crf(self) -> bool:
+        """Whether the dense CRF runs: SKIP_CRF where set, else only where boxes are made (they need its edges)."""
+        return not self.SKIP_CRF if self.SKIP_CRF is not None else self.makes_boxes
+
+    @property
+    def makes_boxes(self) -> bool:
+        return self.OUTPUT_KIND != "heatmap"
 
     @property
     def body_mask(self) -> str | None:
@@ -223,6 +242,16 @@ def _parse_value(name: str, raw: str, where: str):
         if meta["high"] is not None and value > meta["high"]:
             raise ValueError(f"{where}: {name}={raw} is above the maximum {meta['high']}")
         return value
+    if kind == "threshold":
+        if raw.lower() == "otsu":
+            return "otsu"
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 1:
+            raise ValueError(f"{where}: {name}={raw!r} is neither otsu nor a fraction of the peak in (0, 1]")
+        return raw
     if kind == "choice":
         spelled = {choice.lower(): choice for choice in meta["choices"]}   # any case, stored as the choice is written
         if raw.lower() not in spelled:

@@ -1,5 +1,5 @@
-"""Heatmaps against expert boxes: pointing game, energy in the boxes, IoU/Dice of thresholded maps, pixel AUROC,
-aggregated with 95% confidence intervals by a cluster bootstrap over films (a film's heatmaps are not independent).
+"""Heatmaps against expert boxes: pointing game, energy in the boxes, IoU/Dice of thresholded maps, pixel AUROC, and
+the boxes drawn from the maps scored as detections (precision and recall at IoU 0.5, best IoU); aggregated with 95% confidence intervals by a cluster bootstrap over films (a film's heatmaps are not independent).
 
 Ground truth is GEMeX records (`visual_locations`: [x1, y1, x2, y2] corners on the 224 x 224 grid, one box per
 visual region, scaled to each film) or a CSV of pixel boxes `image_path,x,y,w,h,label`. A question's heatmap is
@@ -18,10 +18,12 @@ from scipy.stats import rankdata
 from skimage.filters import threshold_otsu
 
 from . import outputs
+from .boxes import box_scores
 from .records import DataFileError, q_id_of, read_items
 
 GEMEX_GRID = 224
 METRICS = ("hit", "energy", "energy_ratio", "iou_otsu", "dice_otsu", "iou_top", "dice_top", "auroc")
+BOX_METRICS = ("box_precision", "box_recall", "box_best_iou", "boxes_predicted")
 
 
 class EvaluationError(ValueError):
@@ -33,12 +35,16 @@ class Boxes:
     corners: tuple[tuple[float, float, float, float], ...]   # (x1, y1, x2, y2)
     grid: int | None = None    # the corners are on a grid x grid image (GEMeX: 224); None: pixels of the film
 
+    def pixels(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """The boxes in the pixels of a film of this size, (x0, y0, x1, y1) with exclusive right and bottom edges."""
+        sx, sy = (width / self.grid, height / self.grid) if self.grid else (1.0, 1.0)
+        return [(max(0, int(np.floor(x1 * sx))), max(0, int(np.floor(y1 * sy))),
+                 min(width, int(np.ceil(x2 * sx))), min(height, int(np.ceil(y2 * sy))))
+                for x1, y1, x2, y2 in self.corners]
+
     def mask(self, height: int, width: int) -> np.ndarray:
         mask = np.zeros((height, width), bool)
-        sx, sy = (width / self.grid, height / self.grid) if self.grid else (1.0, 1.0)
-        for x1, y1, x2, y2 in self.corners:
-            left, top = max(0, int(np.floor(x1 * sx))), max(0, int(np.floor(y1 * sy)))
-            right, bottom = min(width, int(np.ceil(x2 * sx))), min(height, int(np.ceil(y2 * sy)))
+        for left, top, right, bottom in self.pixels(height, width):
             mask[top:bottom, left:right] = True
         return mask
 
@@ -137,16 +143,17 @@ class Evaluation:
 
 def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resamples: int = 2000,
              seed: int = 0) -> Evaluation:
-    """Score every heatmap of a finished run; writes evaluation.csv, evaluation.json and evaluation.md."""
+    """Score every heatmap of a finished run: its raw map (SAVE_RAW_CAM=true) by the map metrics and its boxes
+    (OUTPUT_KIND=boxes|both) as detections; writes evaluation.csv, evaluation.json and evaluation.md."""
     output_dir = Path(output_dir)
     manifest = output_dir / outputs.MANIFEST
     try:
         rows = outputs.read_manifest(output_dir, "evaluate")
     except FileNotFoundError as error:
         raise EvaluationError(str(error)) from None
-    if rows and not rows[0]["raw_map"]:
-        raise EvaluationError(f"{manifest}: the run kept no raw maps; run it again with SAVE_RAW_CAM=true "
-                              f"(RESUME makes only the missing files)")
+    if rows and not rows[0]["raw_map"] and not rows[0].get("boxes"):
+        raise EvaluationError(f"{manifest}: the run kept neither raw maps nor boxes; run it again with "
+                              f"SAVE_RAW_CAM=true or OUTPUT_KIND=both (RESUME makes only the missing files)")
     truth = read_truth(truth_path)
     scored, without = [], 0
     for row in rows:
@@ -156,20 +163,26 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
         if not boxes:
             without += 1
             continue
-        heat = cv2.imread(str(output_dir / row["raw_map"]), cv2.IMREAD_UNCHANGED)
-        if heat is None:
-            raise EvaluationError(f"{output_dir / row['raw_map']}: raw map missing or unreadable")
-        heat = heat.astype(np.float64) / 65535.0
-        mask = np.zeros(heat.shape, bool)
-        for box in boxes:
-            mask |= box.mask(*heat.shape)
-        scored.append(dict(image_path=row["image_path"], source_image=row["source_image"], prompt=row["prompt"],
-                           **heatmap_scores(heat, mask, top_percent)))
+        scores = dict(image_path=row["image_path"], source_image=row["source_image"], prompt=row["prompt"])
+        if row["raw_map"]:
+            heat = cv2.imread(str(output_dir / row["raw_map"]), cv2.IMREAD_UNCHANGED)
+            if heat is None:
+                raise EvaluationError(f"{output_dir / row['raw_map']}: raw map missing or unreadable")
+            heat = heat.astype(np.float64) / 65535.0
+            mask = np.zeros(heat.shape, bool)
+            for box in boxes:
+                mask |= box.mask(*heat.shape)
+            scores |= heatmap_scores(heat, mask, top_percent)
+        if row.get("boxes"):
+            width, height = _image_size(output_dir / row["image_path"])
+            true_boxes = [corner for box in boxes for corner in box.pixels(height, width)]
+            scores |= box_scores(json.loads(row["boxes"]), true_boxes)
+        scored.append(scores)
     if not scored:
         raise EvaluationError(f"no heatmap of {manifest} has a box in {truth_path} (matched by image path and q_id)")
     films = np.array([s["source_image"] for s in scored])
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in scored]), films, resamples, seed)
-                  for name in METRICS}
+                  for name in METRICS + BOX_METRICS if name in scored[0]}
     result = Evaluation(len(scored), len(set(films)), without, top_percent, aggregates)
     columns = list(scored[0])
     outputs.write_atomic(output_dir / "evaluation.csv",
@@ -179,6 +192,18 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     outputs.write_atomic(output_dir / "evaluation.json", (json.dumps(summary, indent=2) + "\n").encode())
     outputs.write_atomic(output_dir / "evaluation.md", result.markdown().encode())
     return result
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG the run wrote (film-sized), from its header."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(24)
+    except OSError as error:
+        raise EvaluationError(f"{path}: cannot read it ({error.strerror})") from None
+    if len(header) < 24 or header[:8] != b"\x89PNG\r\n\x1a\n":
+        raise EvaluationError(f"{path}: not a PNG")
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
 def _text(value) -> str:

@@ -16,8 +16,9 @@ from .images import Film, ImageError
 from .maps import CAMError, grid_to_image
 from .plan import Job, Made
 from .body_mask import body_mask
+from .boxes import boxes_from_map
 from .postprocess import CRFParams, apply_mask, crf_refine
-from .render import overlay, raw_map_16bit
+from .render import draw_boxes, overlay, raw_map_16bit
 from .timing import StageTimes
 
 
@@ -63,9 +64,9 @@ def crf_params(settings: Settings) -> CRFParams:
 
 
 def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: list[Made]):
-    """Body mask, CRF, colour map and PNGs of one film's maps.
+    """Body mask, CRF, colour map, boxes and PNGs of one film's maps.
 
-    Returns ((job, raw map name, Made with every warning) per heatmap written, seconds per stage). Raises StageError
+    Returns ((job, Made with every warning and the boxes) per heatmap written, seconds per stage). Raises StageError
     naming the stage (post, write) that failed, with the heatmaps written before it. Arguments and results are plain
     data, so this runs as well in a worker process as in the caller's."""
     times, crf = StageTimes(), crf_params(settings)
@@ -75,7 +76,7 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: lis
             mask = body_mask(film, settings.body_mask) if settings.body_mask else None
         height, width = film.shape
         for job, grid_map, how in zip(jobs, grid_maps, made):
-            notes = [how.warning]
+            notes, boxes, images = [how.warning], None, {}
             with _stage("post"):
                 with times("render"):
                     heat = grid_to_image(grid_map, (width, height))
@@ -83,18 +84,23 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: lis
                     with times("body mask"):
                         heat, mask_warning = apply_mask(heat, mask)
                     notes.append(mask_warning)
-                if not settings.SKIP_CRF and heat.max() > 0:
+                if settings.crf and heat.max() > 0:
                     with times("crf"):
                         heat = crf_refine(film, heat, crf)
+                if job.boxes_image:
+                    with times("boxes"):
+                        boxes = tuple((*box[:4], round(box[4], 4)) for box in boxes_from_map(
+                            heat, settings.BOX_THRESHOLD, settings.BOX_MIN_AREA, settings.BOX_PADDING))
+                        images[job.boxes_image] = draw_boxes(film, boxes)
                 with times("render"):
-                    image = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
+                    if job.heatmap:
+                        images[job.heatmap] = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
+                    if job.raw_map:
+                        images[job.raw_map] = raw_map_16bit(heat)
             with _stage("write"), times("png write"):
-                raw_name = ""
-                if settings.SAVE_RAW_CAM:
-                    raw_name = outputs.raw_map_name(job.overlay)
-                    outputs.write_png(settings.OUTPUT_DIR / raw_name, raw_map_16bit(heat))
-                outputs.write_png(settings.OUTPUT_DIR / job.overlay, image)   # last: its presence means done
-            written.append((job, raw_name, dataclasses.replace(how, warning="; ".join(n for n in notes if n))))
+                for name in job.files:     # the manifest's image last: its presence means done
+                    outputs.write_png(settings.OUTPUT_DIR / name, images[name])
+            written.append((job, dataclasses.replace(how, warning="; ".join(n for n in notes if n), boxes=boxes)))
     except StageError as error:
         error.written = written
         raise

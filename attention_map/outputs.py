@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import struct
@@ -16,6 +17,7 @@ import numpy as np
 MANIFEST = "vqa_manifest.csv"
 ERRORS = "errors.csv"
 RUN_CONFIG = "run_config.conf"
+BOXES = "boxes.jsonl"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ManifestRow:
     frame: str = ""      # the frame explained, of a multi-frame DICOM (0-based); empty for a single image
     target: str = ""     # what the map explains: the prompt, or the classifier output's name or index
     score: str = ""      # the model's score for the target on the film (CLIP: logit_scale * cosine; else the output)
+    boxes: str = ""      # where boxes are made: JSON [[x0, y0, x1, y1, score], ...] in film pixels, best first
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
@@ -86,6 +89,15 @@ def _beside(relative: PurePosixPath, suffix: str) -> str:
 
 def raw_map_name(overlay: str) -> str:
     return overlay[: -len(".png")] + "_cam.png"
+
+
+def boxes_image_name(overlay: str) -> str:
+    return overlay[: -len(".png")] + "_boxes.png"
+
+
+def boxes_text(boxes) -> str:
+    """The manifest's `boxes` cell: JSON of the boxes, or empty where none were made (None)."""
+    return "" if boxes is None else json.dumps([list(box) for box in boxes], separators=(",", ":"))
 
 
 TEMPORARY_SUFFIX = ".am-tmp"
@@ -175,6 +187,16 @@ def csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8")
+
+
+def boxes_line(row: dict[str, str]) -> bytes:
+    """The boxes.jsonl line of a manifest row: the film as its record names it (boxes are in its pixels), the frame
+    where it has several, q_id, prompt, the image the manifest names, and the boxes."""
+    line = dict(image_path=row["source_image"], q_id=row["q_id"], prompt=row["prompt"])
+    if row.get("frame"):
+        line["frame"] = int(row["frame"])
+    line |= dict(overlay=row["image_path"], boxes=json.loads(row["boxes"]))
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

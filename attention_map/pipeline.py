@@ -228,7 +228,7 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, ro
     todo, sources = {}, list(films)
     for start in range(0, len(sources), films_per_batch):
         batch = sources[start:start + films_per_batch]
-        finished = {film: [progress.finished(job.overlay, job.prompt.text) for job in films[film]] for film in batch}
+        finished = {film: [progress.finished(job) for job in films[film]] for film in batch}
         if not all(all(entries) for entries in finished.values()):
             todo.update((film, films[film]) for film in batch)
             continue
@@ -236,8 +236,10 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, ro
             for job, entry in zip(films[film], finished[film]):
                 job = dataclasses.replace(job, frame=entry.get("frame"))
                 # an entry of an older version has another settings fingerprint and never gets here
-                made = Made(entry["method"], entry["target"], entry["score"], entry["warning"])
-                rows[job.index] = manifest_row(job, entry["raw_map"], made)
+                boxes = entry.get("boxes")
+                made = Made(entry["method"], entry["target"], entry["score"], entry["warning"],
+                            None if boxes is None else tuple(map(tuple, boxes)))
+                rows[job.index] = manifest_row(job, made)
     return todo
 
 
@@ -296,9 +298,9 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     (settings.OUTPUT_DIR / outputs.MANIFEST).unlink(missing_ok=True)   # present only when every shard is done
     progress.open()
 
-    def written(job: Job, raw_name: str, made: Made) -> None:
-        progress.add(job.overlay, job.prompt.text, raw_name, job.frame, made)
-        rows[job.index] = manifest_row(job, raw_name, made)
+    def written(job: Job, made: Made) -> None:
+        progress.add(job, made)
+        rows[job.index] = manifest_row(job, made)
         summary.heatmaps += 1
         if made.warning:
             summary.warnings += 1

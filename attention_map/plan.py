@@ -25,12 +25,31 @@ class Source:
 
 @dataclass(frozen=True)
 class Job:
-    """One heatmap to make: its place in the manifest, the prompt, the overlay's name under OUTPUT_DIR, and the frame
-    it explains (of a multi-frame object; None for a single image, or until the loader has resolved first/middle)."""
+    """One heatmap to make: its place in the manifest, the prompt, the frame it explains (of a multi-frame object;
+    None for a single image, or until the loader has resolved first/middle), and the files it writes under OUTPUT_DIR:
+    `overlay`, the image the manifest names (the heatmap overlay, or under OUTPUT_KIND=boxes the boxes drawn on the
+    film), and where set the heatmap overlay, the boxes image and the 16-bit raw map."""
     index: int
     prompt: Prompt
     overlay: str
     frame: int | None = None
+    heatmap: str = ""
+    boxes_image: str = ""
+    raw_map: str = ""
+
+    @property
+    def files(self) -> list[str]:
+        """Every file the job writes, the manifest's image last (its presence means the rest are there)."""
+        others = [name for name in (self.raw_map, self.heatmap, self.boxes_image) if name and name != self.overlay]
+        return others + [self.overlay]
+
+
+def make_job(index: int, prompt: Prompt, name: str, frame: int | None, settings: Settings) -> Job:
+    """The job whose heatmap overlay would be `name`, with the files OUTPUT_KIND and SAVE_RAW_CAM ask for."""
+    boxes = outputs.boxes_image_name(name) if settings.makes_boxes else ""
+    return Job(index, prompt, boxes if settings.OUTPUT_KIND == "boxes" else name, frame,
+               heatmap="" if settings.OUTPUT_KIND == "boxes" else name, boxes_image=boxes,
+               raw_map=outputs.raw_map_name(name) if settings.SAVE_RAW_CAM else "")
 
 
 def _frames(path: Path, dicom_frame: str) -> list[int | str]:
@@ -81,7 +100,7 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
                                    f"output {name} is already made by the record on line {taken[name]}"))
                     break
                 taken[name] = record.line
-                groups.setdefault(Source(path, frame), []).append(Job(index, prompt, name, number))
+                groups.setdefault(Source(path, frame), []).append(make_job(index, prompt, name, number, settings))
                 index += 1
     return groups
 
@@ -89,18 +108,19 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
 @dataclass(frozen=True)
 class Made:
     """How a heatmap was made, for its manifest row: the method (FALLBACK_CAM's where it stood in), what the map
-    explains and the model's score for it, and the warnings."""
+    explains and the model's score for it, the warnings, and the boxes drawn from it (None where none are made)."""
     method: str
     target: str
     score: float
     warning: str = ""
+    boxes: tuple | None = None
 
 
-def manifest_row(job: Job, raw_map: str, made: Made) -> outputs.ManifestRow:
+def manifest_row(job: Job, made: Made) -> outputs.ManifestRow:
     record = job.prompt.record
     return outputs.ManifestRow(
         image_path=job.overlay, question=record.question, answer=record.answer, source_image=record.image_path,
         prompt=job.prompt.text, region="" if job.prompt.region is None else str(job.prompt.region),
         cam_method=made.method, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
-        raw_map=raw_map, warning=made.warning, frame="" if job.frame is None else str(job.frame),
-        target=made.target, score=f"{made.score:.6g}")
+        raw_map=job.raw_map, warning=made.warning, frame="" if job.frame is None else str(job.frame),
+        target=made.target, score=f"{made.score:.6g}", boxes=outputs.boxes_text(made.boxes))

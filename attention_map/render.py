@@ -37,3 +37,26 @@ def overlay(film: np.ndarray, cam: np.ndarray, colormap: str = "jet", alpha: flo
 def raw_map_16bit(cam: np.ndarray) -> np.ndarray:
     """(H, W) uint16: 0..65535 stands for 0..1."""
     return np.round(np.clip(cam, 0, 1) * 65535).astype(np.uint16)
+
+
+BOX_COLOURS = np.array([[255, 64, 64], [255, 200, 0], [0, 220, 0], [0, 200, 255], [200, 80, 255]], np.uint8)  # RGB
+
+
+def draw_boxes(film: np.ndarray, boxes) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the grey film with each box (x0, y0, x1, y1, score) outlined, labelled with its rank and
+    its share of the map's mass; lines and text scale with the film, so they read the same on any size."""
+    grey = np.round(np.clip(film, 0, 1) * 255).astype(np.uint8)
+    image = cv2.merge([grey] * 3)
+    height, width = grey.shape
+    thickness = max(1, round(min(height, width) / 300))
+    font = max(0.35, min(height, width) / 700)
+    for rank, (x0, y0, x1, y1, score) in enumerate(boxes, start=1):
+        colour = tuple(int(c) for c in BOX_COLOURS[(rank - 1) % len(BOX_COLOURS)])
+        cv2.rectangle(image, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), colour, thickness)
+        label = f"{rank}: {score:.2f}"
+        (text_width, text_height), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, thickness)
+        top = int(y0) - text_height - base if int(y0) >= text_height + base else int(y0) + thickness
+        cv2.rectangle(image, (int(x0), top), (int(x0) + text_width, top + text_height + base), colour, cv2.FILLED)
+        cv2.putText(image, label, (int(x0), top + text_height), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
+    return image

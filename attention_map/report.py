@@ -97,28 +97,36 @@ def write_report(output_dir: Path) -> Path:
         if film not in films:
             films[film] = _data_uri(_film(image_root, *film))
         score = scores.get(row["image_path"])
-        kind = "" if score is None else ("hit" if float(score["hit"]) else "miss")
-        data = f' data-order="{order}"' + ("" if score is None else
+        mapped = score is not None and score.get("hit", "") != ""      # map metrics need the raw map
+        kind = "" if not mapped else ("hit" if float(score["hit"]) else "miss")
+        data = f' data-order="{order}"' + ("" if not mapped else
                                             f' data-energy="{escape(score["energy"])}" data-auroc="{escape(score["auroc"])}"')
-        metrics = "" if score is None else (
-            f'<div class="metrics">pointing game: {kind}; energy in boxes {float(score["energy"]):.3f} '
+        metrics = "" if not mapped else (
+            f'pointing game: {kind}; energy in boxes {float(score["energy"]):.3f} '
             f'({float(score["energy_ratio"]):.2f}x uniform); IoU (Otsu) {float(score["iou_otsu"]):.3f}; '
-            f'AUROC {float(score["auroc"]):.3f}</div>')
+            f'AUROC {float(score["auroc"]):.3f}')
+        if score is not None and score.get("box_recall", "") != "":
+            metrics += (f'{"; " if metrics else ""}boxes: {float(score["boxes_predicted"]):.0f}, recall at IoU 0.5 '
+                        f'{float(score["box_recall"]):.2f}, best IoU {float(score["box_best_iou"]):.2f}')
+        metrics = f'<div class="metrics">{metrics}</div>' if metrics else ""
+        boxes_image = outputs.boxes_image_name(row["image_path"])
+        boxes = (_img(_data_uri(_read(output_dir / boxes_image)), "boxes")
+                 if row.get("boxes") and (output_dir / boxes_image).is_file() else "")
         warning = f'<div class="text"><span class="label">warning:</span> {escape(row["warning"])}</div>' \
             if row.get("warning") else ""
         raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
         cards.append(
             f'<div class="card {kind}"{data}>'
             f'<div class="images">{_img(films[film], "film")}'
-            f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{_img(raw, "raw map")}</div>'
+            f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{boxes}{_img(raw, "raw map")}</div>'
             f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
             f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'
             f'<div class="text"><span class="label">prompt:</span> {escape(row["prompt"])} '
             f'<span class="label">({escape(row["image_path"])})</span></div>{warning}{metrics}</div>')
 
     summary = ""
-    if (output_dir / "evaluation.md").is_file():
-        hits = sum(1 for s in scores.values() if float(s["hit"]))
+    if (output_dir / "evaluation.md").is_file() and any(s.get("hit") for s in scores.values()):
+        hits = sum(1 for s in scores.values() if s.get("hit") and float(s["hit"]))
         summary = f"<p>Evaluation: {hits} of {len(scores)} heatmaps hit a box (see evaluation.md).</p>"
     buttons = ('<button onclick="show(\'all\')">all</button><button onclick="show(\'hit\')">hits</button>'
                '<button onclick="show(\'miss\')">misses</button> sort: '

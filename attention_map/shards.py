@@ -4,7 +4,8 @@ Under OUTPUT_DIR/shards/, for shard i of n (`0003-of-0008`):
   progress-<i>-of-<n>.jsonl  one line per finished heatmap, appended once its PNGs are in place
   manifest-<i>-of-<n>.csv    the shard's manifest rows and their place in the input order, written when it ends
   errors-<i>-of-<n>.csv      the shard's failed items, written when it ends
-`merge` joins the n shard manifests into vqa_manifest.csv (input order) and errors.csv. Shards never write the same
+`merge` joins the n shard manifests into vqa_manifest.csv (input order), boxes.jsonl (where boxes are made) and
+errors.csv. Shards never write the same
 file, so array tasks can share one OUTPUT_DIR.
 """
 from __future__ import annotations
@@ -114,15 +115,15 @@ class Progress:
                 for entry in _read_journal(journal):
                     self.entries[entry["overlay"]] = entry
 
-    def finished(self, overlay: str, prompt: str) -> dict | None:
-        entry = self.entries.get(overlay)
-        if entry is None or entry.get("prompt") != prompt:
+    def finished(self, job) -> dict | None:
+        """The progress entry of `job` (a plan.Job) when it is done with these settings and all its files are whole."""
+        entry = self.entries.get(job.overlay)
+        if entry is None or entry.get("prompt") != job.prompt.text:
             return None
         if entry.get("settings") != self.fingerprint:
             self.other_settings += 1
             return None
-        files = [overlay] + ([entry["raw_map"]] if entry.get("raw_map") else [])
-        if not all(outputs.png_is_complete(self.output_dir / name) for name in files):
+        if not all(outputs.png_is_complete(self.output_dir / name) for name in job.files):
             return None
         return entry
 
@@ -132,12 +133,13 @@ class Progress:
         outputs.write_atomic(self.path, b"".join(_line(e) for e in kept))
         self._handle = open(self.path, "ab")
 
-    def add(self, overlay: str, prompt: str, raw_map: str, frame: int | None, made) -> None:
-        """`made`: a plan.Made (method, target, score, warning), kept so that a resumed run's manifest row is the
-        same as an uninterrupted run's."""
-        entry = dict(overlay=overlay, prompt=prompt, warning=made.warning, raw_map=raw_map, frame=frame,
-                     method=made.method, target=made.target, score=made.score, settings=self.fingerprint)
-        self.entries[overlay] = entry
+    def add(self, job, made) -> None:
+        """`job`: a plan.Job, whose files are written; `made`: its plan.Made (method, target, score, warning, boxes),
+        kept so that a resumed run's manifest row is the same as an uninterrupted run's."""
+        entry = dict(overlay=job.overlay, prompt=job.prompt.text, warning=made.warning, raw_map=job.raw_map,
+                     frame=job.frame, method=made.method, target=made.target, score=made.score, boxes=made.boxes,
+                     settings=self.fingerprint)
+        self.entries[job.overlay] = entry
         self._handle.write(_line(entry))
         self._handle.flush()
 
@@ -205,6 +207,11 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
     outputs.write_atomic(output_dir / outputs.MANIFEST,
                          outputs.csv_bytes(outputs.MANIFEST_COLUMNS,
                                            [[row.get(c, "") for c in outputs.MANIFEST_COLUMNS] for row in rows]))
+    boxes = [outputs.boxes_line(row) for row in rows if row.get("boxes")]
+    if boxes:
+        outputs.write_atomic(output_dir / outputs.BOXES, b"".join(boxes))
+    else:
+        (output_dir / outputs.BOXES).unlink(missing_ok=True)
     if errors:
         outputs.write_atomic(output_dir / outputs.ERRORS, outputs.errors_bytes(errors))
     else:
