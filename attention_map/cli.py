@@ -34,11 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--config", type=Path, help="the run's .conf: merge its OUTPUT_DIR")
     merge.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the file's")
 
-    evaluate = commands.add_parser("evaluate", help="score a run's heatmaps against expert boxes")
+    evaluate = commands.add_parser("evaluate", help="score a run's heatmaps against expert boxes and/or "
+                                                    "clinicians' eye-gaze or attention maps")
     evaluate.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="a finished run (SAVE_RAW_CAM=true)")
-    evaluate.add_argument("--truth", type=Path, required=True,
+    evaluate.add_argument("--truth", type=Path,
                           help="GEMeX records with visual_locations (JSONL/JSON), or a CSV image_path,x,y,w,h,label")
     evaluate.add_argument("--top-percent", type=float, default=15.0, help="top-p%% threshold for IoU/Dice (15)")
+    evaluate.add_argument("--truth-maps", type=Path, help="clinicians' attention: a fixations CSV "
+                          "image_path,x,y,duration[,frame][,reader], or a folder of PNG maps named like the films")
+    evaluate.add_argument("--gaze-sigma", type=float, help="pixels of the Gaussian per fixation (default: 3%% of "
+                          "the film's larger side)")
+    evaluate.add_argument("--baseline", help="for the information gain: centre (a centre-bias Gaussian) or a PNG map")
 
     report = commands.add_parser("report", help="write OUTPUT_DIR/index.html, a gallery of the run's heatmaps")
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
@@ -70,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     zones.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
     zones.add_argument("--check-films", type=int, default=200, help="held-out films to check it on (0: none)")
 
-    demo = commands.add_parser("make-demo-data", help="write synthetic chest films, records (GEMeX fields) and "
-                                                      "boxes.csv for the demo")
+    demo = commands.add_parser("make-demo-data", help="write synthetic chest films, records (GEMeX fields), "
+                                                      "boxes.csv and gaze.csv (synthetic readers' fixations) for the demo")
     demo.add_argument("folder", type=Path)
     demo.add_argument("--count", type=int, default=24)
 
@@ -152,14 +158,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         return 0
     if args.command == "evaluate":
+        from .agreement import agreement
         from .evaluate import EvaluationError, evaluate
 
+        if args.truth is None and args.truth_maps is None:
+            print("attention-map: evaluate needs --truth (expert boxes), --truth-maps (clinicians' attention) or both",
+                  file=sys.stderr)
+            return EXIT_CONFIG
         try:
-            result = evaluate(args.output_dir, args.truth, args.top_percent)
+            if args.truth is not None:
+                result = evaluate(args.output_dir, args.truth, args.top_percent)
+                print(result.markdown() + f"\nWritten: evaluation.csv, evaluation.json, evaluation.md in "
+                      f"{args.output_dir}")
+            if args.truth_maps is not None:
+                agreed = agreement(args.output_dir, args.truth_maps, args.gaze_sigma, args.baseline)
+                print(agreed.markdown() + f"\nWritten: agreement.csv, agreement.json, agreement.md in "
+                      f"{args.output_dir}")
         except EvaluationError as error:
             print(f"attention-map: {error}", file=sys.stderr)
             return EXIT_CONFIG
-        print(result.markdown() + f"\nWritten: evaluation.csv, evaluation.json, evaluation.md in {args.output_dir}")
         return 0
     if args.command == "merge":
         from .pipeline import EXIT_ITEMS_FAILED

@@ -134,11 +134,26 @@ class Evaluation:
     def markdown(self) -> str:
         lines = [f"# Evaluation of {self.heatmaps} heatmaps on {self.films} films", "",
                  f"Means with 95% confidence intervals (cluster bootstrap over films). Top-p threshold: "
-                 f"{self.top_percent:g}% of pixels. {self.without_boxes} heatmaps had no box and are not counted.", "",
-                 "| metric | mean | 95% CI |", "|---|---|---|"]
-        for name, (mean, low, high) in self.aggregates.items():
-            lines.append(f"| {name} | {mean:.3f} | {low:.3f} to {high:.3f} |")
-        return "\n".join(lines) + "\n"
+                 f"{self.top_percent:g}% of pixels. {self.without_boxes} heatmaps had no box and are not counted.", ""]
+        return "\n".join(lines + metric_table(self.aggregates)) + "\n"
+
+
+def metric_table(aggregates: dict) -> list[str]:
+    """Markdown lines of a table of (mean, low, high) per metric."""
+    return ["| metric | mean | 95% CI |", "|---|---|---|"] + [
+        f"| {name} | {mean:.3f} | {low:.3f} to {high:.3f} |" for name, (mean, low, high) in aggregates.items()]
+
+
+def write_results(output_dir: Path, stem: str, scored: list[dict], result, **extra) -> None:
+    """<stem>.csv (a row per heatmap), <stem>.json (`result`'s fields, aggregates as mean/low/high, and `extra`)
+    and <stem>.md (`result.markdown()`) in `output_dir`."""
+    columns = list(scored[0])
+    outputs.write_atomic(output_dir / f"{stem}.csv",
+                         outputs.csv_bytes(columns, [[_text(s[c]) for c in columns] for s in scored]))
+    aggregates = {k: dict(zip(("mean", "low", "high"), v)) for k, v in result.aggregates.items()}
+    summary = asdict(result) | {"aggregates": aggregates} | extra
+    outputs.write_atomic(output_dir / f"{stem}.json", (json.dumps(summary, indent=2) + "\n").encode())
+    outputs.write_atomic(output_dir / f"{stem}.md", result.markdown().encode())
 
 
 def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resamples: int = 2000,
@@ -184,13 +199,8 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in scored]), films, resamples, seed)
                   for name in METRICS + BOX_METRICS if name in scored[0]}
     result = Evaluation(len(scored), len(set(films)), without, top_percent, aggregates)
-    columns = list(scored[0])
-    outputs.write_atomic(output_dir / "evaluation.csv",
-                         outputs.csv_bytes(columns, [[_text(s[c]) for c in columns] for s in scored]))
-    summary = asdict(result) | {"aggregates": {k: dict(zip(("mean", "low", "high"), v)) for k, v in aggregates.items()},
-                                "truth": str(truth_path), "bootstrap_resamples": resamples, "seed": seed}
-    outputs.write_atomic(output_dir / "evaluation.json", (json.dumps(summary, indent=2) + "\n").encode())
-    outputs.write_atomic(output_dir / "evaluation.md", result.markdown().encode())
+    write_results(output_dir, "evaluation", scored, result, truth=str(truth_path), bootstrap_resamples=resamples,
+                  seed=seed)
     return result
 
 

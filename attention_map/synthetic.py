@@ -168,12 +168,32 @@ def make_film(seed: int, size: int = 384) -> tuple[np.ndarray, str]:
     return film, lesions[0].place
 
 
+# A reader's search of a chest film, as fractions of its size: apices, down the right lung, down the left lung,
+# the heart, the bases (the order of a systematic reading).
+READING_PATH = ((0.32, 0.25), (0.68, 0.25), (0.30, 0.40), (0.30, 0.55), (0.32, 0.68), (0.68, 0.40), (0.70, 0.55),
+                (0.68, 0.68), (0.50, 0.60), (0.30, 0.78), (0.70, 0.78))
+
+
+def gaze_fixations(lesion: Lesion, size: int, seed: int, reader: int = 0) -> list[tuple[float, float, float]]:
+    """Synthetic eye-gaze of one reader on a film: fixations (x, y in pixels, duration in seconds) along
+    READING_PATH (short, jittered by 3% of the film) and then on the lesion (longer, spread over its box), as eye-gaze
+    studies of chest films describe a reading: a systematic search, then dwelling on the finding."""
+    rng = np.random.default_rng((seed, reader, 7))
+    path = [(x * size + rng.normal(0, 0.03 * size), y * size + rng.normal(0, 0.03 * size), rng.uniform(0.15, 0.35))
+            for x, y in READING_PATH]
+    x, y, w, h = lesion.box
+    dwell = [(x + w / 2 + rng.normal(0, w / 5), y + h / 2 + rng.normal(0, h / 5), rng.uniform(0.5, 1.2))
+             for _ in range(int(rng.integers(5, 9)))]
+    return [(float(np.clip(u, 0, size - 1)), float(np.clip(v, 0, size - 1)), round(float(d), 3))
+            for u, v, d in path + dwell]
+
+
 def write_demo_data(folder: Path, count: int = 24, size: int = 384, first_seed: int = 0) -> Path:
     """`count` films under folder/films, folder/records.jsonl (GEMeX fields: a question naming the lesion's kind
-    and place, `visual_locations` with its box on the 224 grid) and folder/boxes.csv (the boxes in pixels);
-    returns the records file."""
+    and place, `visual_locations` with its box on the 224 grid), folder/boxes.csv (the boxes in pixels) and
+    folder/gaze.csv (two synthetic readers' fixations on each film); returns the records file."""
     folder = Path(folder)
-    lines, boxes = [], ["image_path,x,y,w,h,label"]
+    lines, boxes, gaze = [], ["image_path,x,y,w,h,label"], ["image_path,x,y,duration,reader"]
     for seed in range(first_seed, first_seed + count):
         film, lesions = make_chest(seed, size)
         name = f"films/synthetic_{seed:03d}.png"
@@ -186,7 +206,10 @@ def write_demo_data(folder: Path, count: int = 24, size: int = 384, first_seed: 
                                  "visual_locations": [grid], "image_path": name, "q_id": 0,
                                  "row_id": f"row_{seed}"}))
         boxes.append(f"{name},{x},{y},{w},{h},{lesion.kind}")
+        gaze += [f"{name},{u:.1f},{v:.1f},{d:g},{reader}" for reader in (1, 2)
+                 for u, v, d in gaze_fixations(lesion, size, seed, reader)]
     records = folder / "records.jsonl"
     records.write_text("\n".join(lines) + "\n")
     (folder / "boxes.csv").write_text("\n".join(boxes) + "\n")
+    (folder / "gaze.csv").write_text("\n".join(gaze) + "\n")
     return records

@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt -e '.[test]'
+# pysaliency: the published saliency metrics the tests check ours against (tests/test_saliency.py loads its metric
+# modules alone; its package needs numba and more, which the tests do not)
+.venv/bin/python -m pip install --quiet --no-deps pysaliency==0.2.22
 echo "attention-map is installed in .venv"

@@ -1,0 +1,239 @@
+"""A run's maps against where clinicians looked: eye-gaze fixations (a CSV) or clinicians' attention maps (a folder of
+PNGs), scored per heatmap by the saliency metrics (attention_map.saliency) with cluster-bootstrap intervals over
+films, and by retrieval (does a case's model map pick out its own clinician map among all cases'?).
+
+Fixations CSV: image_path, x, y, duration (film pixels, seconds), optional frame (of a clip or multi-frame DICOM)
+and reader. A film's fixations, all readers together, become a map by a Gaussian of `sigma` pixels per fixation
+weighted by its duration. A folder holds one grey PNG per film, at the film's path with the extension .png (a
+frame's: `<name>_f<frame>.png`), read as is.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+
+from . import outputs, saliency
+from .evaluate import EvaluationError, _image_size, cluster_bootstrap, metric_table, write_results
+
+log = logging.getLogger(__name__)
+
+MAP_METRICS = ("cc", "kl", "sim")                                  # map against map
+LOCATION_METRICS = ("nss", "auc_judd", "auc_shuffled")             # map against the fixated pixels
+RETRIEVAL_GRID = 64       # maps are compared for retrieval on a 64 x 64 grid (films differ in size)
+PERMUTATIONS = 1000
+
+
+@dataclass
+class Gaze:
+    """Where clinicians looked: fixations (x, y, duration) per (image_path, frame) from a CSV, or a folder of maps."""
+    fixations: dict = field(default_factory=dict)
+    folder: Path | None = None
+    skipped: list = field(default_factory=list)    # one-line reasons for the CSV rows that could not be read
+
+    def points(self, image_path: str, frame: str) -> list | None:
+        return self.fixations.get((image_path, frame)) if self.folder is None else None
+
+    def truth_map(self, image_path: str, frame: str, shape: tuple[int, int], sigma: float) -> np.ndarray | None:
+        """The clinicians' map of a film (or frame) at `shape`, or None where there is none."""
+        if self.folder is None:
+            points = self.fixations.get((image_path, frame))
+            return None if not points else saliency.fixation_map(points, shape, sigma)
+        relative = PurePosixPath(image_path)
+        path = self.folder / relative.parent / (relative.stem + (f"_f{frame}" if frame else "") + ".png")
+        if not path.is_file():
+            return None
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise EvaluationError(f"{path}: not a readable PNG")
+        if image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        image = image.astype(np.float64)
+        if image.shape != shape:
+            image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+        return image
+
+
+def read_gaze(path: Path) -> Gaze:
+    """A fixations CSV or a folder of clinicians' maps. A CSV row that cannot be read is skipped and named in
+    `skipped` (file, row, field and why); a CSV without the needed columns raises EvaluationError."""
+    path = Path(path)
+    if path.is_dir():
+        return Gaze(folder=path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file or folder (--truth-maps takes a fixations CSV or a folder of PNGs)")
+    gaze = Gaze()
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"image_path", "x", "y", "duration"} - set(reader.fieldnames or [])
+        if missing:
+            raise EvaluationError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} (a fixations CSV needs "
+                                  f"image_path,x,y,duration[,frame][,reader])")
+        for line, row in enumerate(reader, start=2):
+            values = {}
+            for name in ("x", "y", "duration"):
+                try:
+                    values[name] = float(row[name])
+                except (TypeError, ValueError):
+                    values[name] = None
+                if values[name] is None or not np.isfinite(values[name]) or (name == "duration" and values[name] < 0):
+                    gaze.skipped.append(f"{path}:{line}: {name}={row[name]!r} is not a "
+                                        f"{'duration in seconds' if name == 'duration' else 'pixel coordinate'}")
+                    break
+            else:
+                frame = (row.get("frame") or "").strip()
+                if frame and not frame.isdigit():
+                    gaze.skipped.append(f"{path}:{line}: frame={frame!r} is not a frame number")
+                    continue
+                key = ((row["image_path"] or "").strip(), frame)
+                gaze.fixations.setdefault(key, []).append((values["x"], values["y"], values["duration"]))
+    return gaze
+
+
+def _read_raw_map(output_dir: Path, name: str) -> np.ndarray:
+    heat = cv2.imread(str(output_dir / name), cv2.IMREAD_UNCHANGED)
+    if heat is None:
+        raise EvaluationError(f"{output_dir / name}: raw map missing or unreadable")
+    return heat.astype(np.float64) / 65535.0
+
+
+def _grid(image: np.ndarray) -> np.ndarray:
+    return cv2.resize(image.astype(np.float32), (RETRIEVAL_GRID, RETRIEVAL_GRID), interpolation=cv2.INTER_AREA)
+
+
+def retrieval(model_maps: list[np.ndarray], truth_maps: list[np.ndarray], ks=(1, 5), permutations=PERMUTATIONS,
+              seed: int = 0) -> dict:
+    """R@k both ways for cases whose model map i and clinician map i belong together: model -> clinician is the share
+    of cases whose own clinician map is among the k clinician maps most correlated (CC) with its model map, and
+    clinician -> model the same the other way. Chance is k / cases; `p` is the share of random pairings of the maps
+    (and the observed one) that reach at least the observed R@k."""
+    count = len(model_maps)
+    similarity = np.array([[saliency.cc(m, t) for t in truth_maps] for m in model_maps])
+
+    def recall(matrix: np.ndarray, k: int) -> float:
+        own = np.diagonal(matrix)[:, None]
+        return float(np.mean((matrix > own).sum(axis=1) < k))
+
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(count) for _ in range(permutations)]
+    result = {"cases": count}
+    for direction, matrix in (("model_to_clinician", similarity), ("clinician_to_model", similarity.T)):
+        for k in ks:
+            observed = recall(matrix, k)
+            shuffled = np.array([recall(matrix[:, order], k) for order in orders])
+            result[f"{direction}_r@{k}"] = dict(value=observed, chance=min(k, count) / count,
+                                                p=float((1 + (shuffled >= observed).sum()) / (1 + permutations)))
+    return result
+
+
+@dataclass
+class Agreement:
+    heatmaps: int
+    films: int
+    without_truth: int
+    sigma: str
+    baseline: str
+    aggregates: dict
+    retrieval: dict
+    skipped_rows: list
+
+    def markdown(self) -> str:
+        lines = [f"# Agreement of {self.heatmaps} heatmaps on {self.films} films with the clinicians' maps", "",
+                 f"Means with 95% confidence intervals (cluster bootstrap over films). Fixation maps: Gaussian sigma "
+                 f"{self.sigma}. {self.without_truth} heatmaps had no clinician map and are not counted." +
+                 (f" {len(self.skipped_rows)} rows of the fixations file could not be read (see agreement.json)."
+                  if self.skipped_rows else ""), ""] + metric_table(self.aggregates)
+        if self.retrieval.get("cases", 0) > 1:
+            lines += ["", f"Retrieval over {self.retrieval['cases']} films (CC on a {RETRIEVAL_GRID} x {RETRIEVAL_GRID} "
+                      f"grid; p from {PERMUTATIONS} random pairings):", "", "| direction | R@k | chance | p |",
+                      "|---|---|---|---|"]
+            for name, value in self.retrieval.items():
+                if name != "cases":
+                    lines.append(f"| {name} | {value['value']:.3f} | {value['chance']:.3f} | {value['p']:.4f} |")
+        return "\n".join(lines) + "\n"
+
+
+def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, baseline: str | None = None,
+              resamples: int = 2000, seed: int = 0) -> Agreement:
+    """Score every heatmap of a finished run (SAVE_RAW_CAM=true) against the clinicians' maps; writes
+    agreement.csv, agreement.json and agreement.md. `sigma`: pixels (None: 3% of the film's larger side);
+    `baseline`: 'centre' or a PNG, for the information gain of the model's map over it."""
+    output_dir, truth_path = Path(output_dir), Path(truth_path)
+    manifest = output_dir / outputs.MANIFEST
+    try:
+        rows = outputs.read_manifest(output_dir, "compare")
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from None
+    if rows and not rows[0]["raw_map"]:
+        raise EvaluationError(f"{manifest}: the run kept no raw maps; run it again with SAVE_RAW_CAM=true "
+                              f"(RESUME makes only the missing files)")
+    gaze = read_gaze(truth_path)
+    for reason in gaze.skipped:
+        log.warning("%s", reason)
+    baseline_map = None
+    if baseline not in (None, "centre", "center"):
+        baseline_map = cv2.imread(str(baseline), cv2.IMREAD_GRAYSCALE)
+        if baseline_map is None:
+            raise EvaluationError(f"{baseline}: the baseline is neither 'centre' nor a readable PNG")
+
+    shapes = {}                  # (film, frame) -> (height, width), from the raw maps' headers
+    for row in rows:
+        key = (row["source_image"], row.get("frame", ""))
+        if key not in shapes:
+            width, height = _image_size(output_dir / row["raw_map"])
+            shapes[key] = (height, width)
+    # shuffled AUC: every film's fixated places, as fractions of its width and height, and whose they are
+    number = {film: i for i, film in enumerate(sorted({key[0] for key in shapes}))}
+    spots = [(number[key[0]], x / shape[1], y / shape[0]) for key, shape in shapes.items()
+             for x, y, _ in gaze.points(*key) or []]
+    places = np.array(spots, np.float64).reshape(-1, 3)
+
+    table, without = [], 0
+    grids: dict = {}              # (film, frame) -> [sum of its model maps, count, clinician map] on the retrieval grid
+    current = (None, None)        # the last film's key and clinician map (a film's rows are usually together)
+    for row in rows:
+        key = (row["source_image"], row.get("frame", ""))
+        shape = shapes[key]
+        if current[0] != key:
+            current = (key, gaze.truth_map(*key, shape, sigma if sigma else 0.03 * max(shape)))
+        truth = current[1]
+        if truth is None or truth.max() <= 0:
+            without += 1
+            continue
+        heat = _read_raw_map(output_dir, row["raw_map"])
+        scores = dict(image_path=row["image_path"], source_image=row["source_image"], frame=row.get("frame", ""),
+                      prompt=row["prompt"], cc=saliency.cc(heat, truth), kl=saliency.kl(heat, truth),
+                      sim=saliency.sim(heat, truth))
+        if gaze.folder is None:       # location metrics need the fixated pixels themselves
+            fixated = saliency.fixation_mask(gaze.points(*key), shape)
+            elsewhere = places[places[:, 0] != number[key[0]]]
+            others = saliency.fixation_mask(np.c_[elsewhere[:, 1] * shape[1], elsewhere[:, 2] * shape[0]], shape)
+            scores |= dict(nss=saliency.nss(heat, fixated), auc_judd=saliency.auc_judd(heat, fixated),
+                           auc_shuffled=saliency.auc_shuffled(heat, fixated, others))
+            if baseline is not None:
+                base = (saliency.centre_baseline(shape) if baseline_map is None else
+                        cv2.resize(baseline_map.astype(np.float64), (shape[1], shape[0]), interpolation=cv2.INTER_AREA))
+                scores["info_gain"] = saliency.information_gain(heat, base, fixated)
+        table.append(scores)
+        entry = grids.setdefault(key, [np.zeros((RETRIEVAL_GRID,) * 2, np.float32), 0, _grid(truth)])
+        entry[0] += _grid(heat)
+        entry[1] += 1
+    if not table:
+        raise EvaluationError(f"no heatmap of {manifest} has a clinician map in {truth_path} (matched by the film's "
+                              f"image_path and frame)")
+
+    films = np.array([s["source_image"] for s in table])
+    names = [name for name in MAP_METRICS + LOCATION_METRICS + ("info_gain",) if name in table[0]]
+    aggregates = {name: cluster_bootstrap(np.array([s[name] for s in table]), films, resamples, seed) for name in names}
+    found = retrieval([total / count for total, count, _ in grids.values()], [truth for *_, truth in grids.values()],
+                      seed=seed) if len(grids) > 1 else {}
+    result = Agreement(len(table), len(set(films)), without,
+                       f"{sigma:g} px" if sigma else "3% of each film's larger side",
+                       "" if baseline is None else str(baseline), aggregates, found, gaze.skipped)
+    write_results(output_dir, "agreement", table, result, truth=str(truth_path), bootstrap_resamples=resamples,
+                  seed=seed)
+    return result
