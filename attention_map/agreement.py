@@ -139,6 +139,7 @@ class Agreement:
     baseline: str
     aggregates: dict
     retrieval: dict
+    clips: dict            # per clip (or multi-frame object): frames scored and each metric's mean over them
     skipped_rows: list
 
     def markdown(self) -> str:
@@ -148,12 +149,18 @@ class Agreement:
                  (f" {len(self.skipped_rows)} rows of the fixations file could not be read (see agreement.json)."
                   if self.skipped_rows else ""), ""] + metric_table(self.aggregates)
         if self.retrieval.get("cases", 0) > 1:
-            lines += ["", f"Retrieval over {self.retrieval['cases']} films (CC on a {RETRIEVAL_GRID} x {RETRIEVAL_GRID} "
+            lines += ["", f"Retrieval over {self.retrieval['cases']} films or clips (a clip's frames together; CC on a {RETRIEVAL_GRID} x {RETRIEVAL_GRID} "
                       f"grid; p from {PERMUTATIONS} random pairings):", "", "| direction | R@k | chance | p |",
                       "|---|---|---|---|"]
             for name, value in self.retrieval.items():
                 if name != "cases":
                     lines.append(f"| {name} | {value['value']:.3f} | {value['chance']:.3f} | {value['p']:.4f} |")
+        if self.clips:
+            names = [name for name in next(iter(self.clips.values())) if name != "frames"]
+            lines += ["", "Over each clip (means over its frames):", "", f"| clip | frames | {' | '.join(names)} |",
+                      "|---|---|" + "---|" * len(names)]
+            for clip, values in self.clips.items():
+                lines.append(f"| {clip} | {values['frames']} | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
         return "\n".join(lines) + "\n"
 
 
@@ -219,9 +226,11 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
                         cv2.resize(baseline_map.astype(np.float64), (shape[1], shape[0]), interpolation=cv2.INTER_AREA))
                 scores["info_gain"] = saliency.information_gain(heat, base, fixated)
         table.append(scores)
-        entry = grids.setdefault(key, [np.zeros((RETRIEVAL_GRID,) * 2, np.float32), 0, _grid(truth)])
+        # retrieval is by film or clip: a clip's frames (and prompts) together, their model and clinician maps summed
+        entry = grids.setdefault(key[0], [np.zeros((RETRIEVAL_GRID,) * 2, np.float32), 0, {}])
         entry[0] += _grid(heat)
         entry[1] += 1
+        entry[2].setdefault(key[1], _grid(truth / truth.sum()))
     if not table:
         raise EvaluationError(f"no heatmap of {manifest} has a clinician map in {truth_path} (matched by the film's "
                               f"image_path and frame)")
@@ -229,11 +238,14 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     films = np.array([s["source_image"] for s in table])
     names = [name for name in MAP_METRICS + LOCATION_METRICS + ("info_gain",) if name in table[0]]
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in table]), films, resamples, seed) for name in names}
-    found = retrieval([total / count for total, count, _ in grids.values()], [truth for *_, truth in grids.values()],
-                      seed=seed) if len(grids) > 1 else {}
+    found = retrieval([total / count for total, count, _ in grids.values()],
+                      [sum(truths.values()) for *_, truths in grids.values()], seed=seed) if len(grids) > 1 else {}
+    clips = {film: {"frames": len({s["frame"] for s in table if s["source_image"] == film})} |
+             {name: float(np.nanmean([s[name] for s in table if s["source_image"] == film])) for name in names}
+             for film in dict.fromkeys(films) if any(s["frame"] for s in table if s["source_image"] == film)}
     result = Agreement(len(table), len(set(films)), without,
                        f"{sigma:g} px" if sigma else "3% of each film's larger side",
-                       "" if baseline is None else str(baseline), aggregates, found, gaze.skipped)
+                       "" if baseline is None else str(baseline), aggregates, found, clips, gaze.skipped)
     write_results(output_dir, "agreement", table, result, truth=str(truth_path), bootstrap_resamples=resamples,
                   seed=seed)
     return result

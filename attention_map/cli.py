@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                                                       "boxes.csv and gaze.csv (synthetic readers' fixations) for the demo")
     demo.add_argument("folder", type=Path)
     demo.add_argument("--count", type=int, default=24)
+    demo.add_argument("--clips", action="store_true", help="short synthetic clips (MP4, a breathing chest) with "
+                      "records and per-frame gaze instead of films (count default 3)")
 
     commands.add_parser("default-conf", help="print configs/default.conf (every key with its default)")
     return parser
@@ -99,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(default_conf_text())
         return 0
     if args.command == "make-demo-data":
-        from .synthetic import write_demo_data
+        from .synthetic import write_demo_clips, write_demo_data
 
-        log.info("wrote %s", write_demo_data(args.folder, args.count))
+        log.info("wrote %s", write_demo_clips(args.folder, 3 if args.count == 24 else args.count) if args.clips
+                 else write_demo_data(args.folder, args.count))
         return 0
     if args.command == "make-test-model":
         from .models.random_models import make_test_model

@@ -66,7 +66,10 @@ class Settings:
     MAX_IMAGE_PIXELS: int = _key(50_000_000, "larger images are refused before decoding (decompression-bomb guard)",
                                  "int", low=1)
     DICOM_FRAME: str = _key("first", "of a multi-frame DICOM: first or middle frame, or all (one map per frame, "
-                            "named _f<frame>)", "choice", ("first", "middle", "all"))
+                            "named _f<frame>, as for a video clip)", "choice", ("first", "middle", "all"))
+    FRAME_STRIDE: int = _key(1, "of a video clip (or a multi-frame DICOM under DICOM_FRAME=all): every n-th frame "
+                             "gets maps", "int", low=1)
+    MAX_FRAMES: int | None = _key(None, "at most this many frames per clip (empty: all)", "int", low=1, optional=True)
     ALLOW_OUTSIDE_IMAGE_ROOT: bool = _key(False, "true: image paths may point outside IMAGE_ROOT (absolute or ..)",
                                           "bool")
     # Runs

@@ -1,4 +1,5 @@
-"""Load a film from PNG, JPEG or DICOM as a grey float32 array in [0, 1] at its original resolution."""
+"""Load a film from PNG, JPEG, DICOM or a frame of a video clip as a grey float32 array in [0, 1] at its original
+resolution."""
 from __future__ import annotations
 
 import re
@@ -150,12 +151,90 @@ def _decode_failure(dataset, error: BaseException) -> str:
     return f"unreadable DICOM: {named} pixel data: {_one_line(error)}"
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm")
+
+
+def is_video(path: Path) -> bool:
+    """A clip (MP4, AVI, MOV, MKV, WebM; decoded by OpenCV's FFmpeg), by its name."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _open_video(path: Path):
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise ImageError("unreadable video: no decoder could open it")
+    return capture
+
+
+def _video_frames(capture) -> int:
+    """The clip's frame count from its container, or, where the container does not say, by decoding it."""
+    import cv2
+
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    if count > 0:
+        return count
+    while capture.grab():
+        count += 1
+    return count
+
+
+def _load_video(path: Path, max_pixels: int | None, frame: int | str) -> Film:
+    import cv2
+
+    capture = _open_video(path)
+    try:
+        _check_size(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)), max_pixels)
+        frames = _video_frames(capture)
+        if frames == 0:
+            raise ImageError("video holds no frames")
+        index = _frame_index(frame, frames, "video")
+        capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+        ok, image = capture.read()
+    finally:
+        capture.release()
+    if not ok or image is None:
+        raise ImageError(f"video: frame {index} of {frames} could not be decoded")
+    rgb = image[..., ::-1].astype(np.float64) / 255.0          # OpenCV decodes to BGR
+    return Film(_luminance(rgb).astype(np.float32), index)
+
+
+def frame_rate(path: Path, default: float = 10.0) -> float:
+    """Frames per second of a clip (its container's rate) or a cine DICOM (RecommendedDisplayFrameRate, CineRate or
+    1000 / FrameTime), else `default`."""
+    try:
+        if is_video(path):
+            import cv2
+
+            capture = _open_video(path)
+            rate = capture.get(cv2.CAP_PROP_FPS)
+            capture.release()
+            return float(rate) if rate and rate > 0 else default
+        if _is_dicom(Path(path)):
+            dataset, _ = _read_dicom(Path(path), stop_before_pixels=True)
+            for name in ("RecommendedDisplayFrameRate", "CineRate"):
+                if dataset.get(name):
+                    return float(dataset.get(name))
+            if dataset.get("FrameTime"):
+                return 1000.0 / float(dataset.get("FrameTime"))
+    except Exception:  # noqa: BLE001  (the rate only paces the overlay clip)
+        pass
+    return default
+
+
 def frame_count(path: Path) -> int:
-    """How many frames the file holds (1 for PNG/JPEG and single-frame DICOM), read from the header only.
+    """How many frames the file holds (1 for PNG/JPEG and single-frame DICOM), read from the header only (a video
+    whose container does not say is decoded to count them; 0 for a clip without frames).
 
     Unreadable files count 1: loading them reports the error."""
     path = Path(path)
     try:
+        if is_video(path):
+            capture = _open_video(path)
+            count = _video_frames(capture)
+            capture.release()
+            return count
         if not _is_dicom(path):
             return 1
         dataset, _ = _read_dicom(path, stop_before_pixels=True)
@@ -164,13 +243,13 @@ def frame_count(path: Path) -> int:
         return 1
 
 
-def _frame_index(frame: int | str, frames: int) -> int:
+def _frame_index(frame: int | str, frames: int, kind: str = "DICOM") -> int:
     if frame == "first":
         return 0
     if frame == "middle":
         return frames // 2
     if not 0 <= int(frame) < frames:
-        raise ImageError(f"frame {frame} asked of a DICOM with {frames} frames")
+        raise ImageError(f"frame {frame} asked of a {kind} with {frames} frames")
     return int(frame)
 
 
@@ -242,15 +321,19 @@ def read_film(path: Path, max_pixels: int | None = None, frame: int | str = "fir
 
     PNG/JPEG: 8- and 16-bit, grey, RGB, RGBA and palette. DICOM: every transfer syntax that pydicom and the
     installed decoders read, with or without preamble and file meta; modality LUT (rescale), VOI LUT or window,
-    MONOCHROME1 inverted, PALETTE COLOR, RGB and YBR as luminance; of a multi-frame object the frame `frame`
-    (an index, "first" or "middle"). Images above `max_pixels` are refused from their header.
+    MONOCHROME1 inverted, PALETTE COLOR, RGB and YBR as luminance; of a multi-frame object or a video clip (by its
+    name: VIDEO_SUFFIXES) the frame `frame` (an index, "first" or "middle"). Images above `max_pixels` are refused
+    from their header.
     """
     path = Path(path)
     if not path.exists():
         raise ImageError("file not found")
     if not path.is_file():
         raise ImageError("not a file")
-    film = _load_dicom(path, max_pixels, frame) if _is_dicom(path) else Film(_load_raster(path, max_pixels))
+    if is_video(path):
+        film = _load_video(path, max_pixels, frame)
+    else:
+        film = _load_dicom(path, max_pixels, frame) if _is_dicom(path) else Film(_load_raster(path, max_pixels))
     if film.pixels.ndim != 2 or min(film.pixels.shape) < 2:
         raise ImageError(f"image of shape {film.pixels.shape} is too small or not 2-D")
     return Film(np.ascontiguousarray(film.pixels, dtype=np.float32), film.frame, film.warning)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import outputs
 from .config import Settings, model_kind
-from .images import frame_count
+from .images import frame_count, is_video
 from .records import CLASSIFIER_CSV_COLUMNS, REQUIRED_CSV_COLUMNS, Prompt, prompts_of, read_records, targets_of
 
 
@@ -52,13 +52,17 @@ def make_job(index: int, prompt: Prompt, name: str, frame: int | None, settings:
                raw_map=outputs.raw_map_name(name) if settings.SAVE_RAW_CAM else "")
 
 
-def _frames(path: Path, dicom_frame: str) -> list[int | str]:
-    """The frames to explain: under DICOM_FRAME=all every frame (its count read from the header), else the one the
-    loader picks."""
-    if dicom_frame != "all":
-        return [dicom_frame]
+def _frames(path: Path, settings: Settings) -> list[int | str]:
+    """The frames to explain: of a video clip, and of a DICOM under DICOM_FRAME=all, every FRAME_STRIDE-th frame up
+    to MAX_FRAMES (the count read from the header); else the one the loader picks. A clip without frames is left to
+    the loader, which says so."""
+    clip = is_video(path)
+    if not clip and settings.DICOM_FRAME != "all":
+        return [settings.DICOM_FRAME]
     count = frame_count(path)
-    return list(range(count)) if count > 1 else ["first"]
+    if count > 1 or (clip and count == 1):
+        return list(range(0, count, settings.FRAME_STRIDE))[:settings.MAX_FRAMES]
+    return ["first"]
 
 
 def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
@@ -84,7 +88,7 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
         if path not in frames_of:
             if settings.STOP_AFTER is not None and len(frames_of) >= settings.STOP_AFTER:
                 continue
-            frames_of[path] = _frames(path, settings.DICOM_FRAME)
+            frames_of[path] = _frames(path, settings)
         asks = (targets_of(record, settings.TARGETS, settings.TARGET_NAMES) if classifier
                 else prompts_of(record, settings.PROMPT_SOURCE))
         for prompt in asks:

@@ -5,26 +5,30 @@ Under OUTPUT_DIR/shards/, for shard i of n (`0003-of-0008`):
   manifest-<i>-of-<n>.csv    the shard's manifest rows and their place in the input order, written when it ends
   errors-<i>-of-<n>.csv      the shard's failed items, written when it ends
 `merge` joins the n shard manifests into vqa_manifest.csv (input order), boxes.jsonl (where boxes are made) and
-errors.csv. Shards never write the same
+errors.csv, and the frames' overlays of each clip into an overlay clip (attention_map.clips). Shards never write the same
 file, so array tasks can share one OUTPUT_DIR.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import outputs
+from .clips import write_clips
 from .config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 FOLDER = "shards"
 
 # Settings that change which heatmaps are made or where, but not a heatmap's pixels. Every other key (and any key
 # added later) is part of the fingerprint, so a rerun with other map settings redoes the heatmaps.
 _NOT_IN_FINGERPRINT = {"RESULTS_ROOT", "DATA_FILE", "IMAGE_ROOT", "OUTPUT_DIR", "PROMPT_SOURCE", "STOP_AFTER",
-                       "MAX_IMAGE_PIXELS", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME", "OVERWRITE", "FAIL_FAST",
+                       "MAX_IMAGE_PIXELS", "FRAME_STRIDE", "MAX_FRAMES", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME", "OVERWRITE", "FAIL_FAST",
                        "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "WORKERS", "CONTAINER", "CONTAINER_IMAGE",
                        "OFFLINE"}
 
@@ -207,6 +211,10 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
     outputs.write_atomic(output_dir / outputs.MANIFEST,
                          outputs.csv_bytes(outputs.MANIFEST_COLUMNS,
                                            [[row.get(c, "") for c in outputs.MANIFEST_COLUMNS] for row in rows]))
+    root = read_run_config(output_dir).get("IMAGE_ROOT")
+    clips = write_clips(output_dir, rows, Path(root) if root else None)
+    if clips:
+        log.info("wrote %d overlay clips (e.g. %s)", len(clips), clips[0])
     boxes = [outputs.boxes_line(row) for row in rows if row.get("boxes")]
     if boxes:
         outputs.write_atomic(output_dir / outputs.BOXES, b"".join(boxes))

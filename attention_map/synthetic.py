@@ -213,3 +213,43 @@ def write_demo_data(folder: Path, count: int = 24, size: int = 384, first_seed: 
     (folder / "boxes.csv").write_text("\n".join(boxes) + "\n")
     (folder / "gaze.csv").write_text("\n".join(gaze) + "\n")
     return records
+
+
+def make_clip(seed: int, frames: int = 8, size: int = 192) -> tuple[list[np.ndarray], list[Lesion]]:
+    """A breathing chest: `frames` films of one chest (make_chest's film of `seed`) scaled about the top of the
+    chest by up to 4% in height over one breath, each with its own noise, and the lesion's box on each."""
+    film, (lesion,) = make_chest(seed, size)
+    rng = np.random.default_rng((seed, 11))
+    shots, boxes = [], []
+    for index in range(frames):
+        scale = 1 + 0.04 * np.sin(np.pi * index / max(frames - 1, 1))        # in, then out
+        warp = np.float32([[1, 0, 0], [0, scale, -0.1 * size * (scale - 1)]])   # stretched below 0.1 of the height
+        moved = cv2.warpAffine(film, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        shots.append(np.clip(moved + rng.normal(0, 0.01, moved.shape), 0, 1).astype(np.float32))
+        x, y, w, h = lesion.box
+        top = warp[1, 1] * y + warp[1, 2]
+        boxes.append(Lesion(lesion.kind, lesion.side, lesion.zone, (x, int(round(top)), w, int(round(h * scale)))))
+    return shots, boxes
+
+
+def write_demo_clips(folder: Path, count: int = 3, frames: int = 8, size: int = 192, first_seed: int = 100) -> Path:
+    """`count` clips under folder/clips (MP4), folder/records.jsonl (a question naming each clip's lesion) and
+    folder/gaze.csv (a synthetic reader's fixations on every frame, with its `frame`); returns the records file."""
+    folder = Path(folder)
+    (folder / "clips").mkdir(parents=True, exist_ok=True)
+    lines, gaze = [], ["image_path,frame,x,y,duration,reader"]
+    for seed in range(first_seed, first_seed + count):
+        shots, lesions = make_clip(seed, frames, size)
+        name = f"clips/clip_{seed:03d}.mp4"
+        writer = cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*"mp4v"), 10, (size, size))
+        for shot in shots:
+            writer.write(cv2.cvtColor(np.round(shot * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
+        writer.release()
+        lines.append(json.dumps({"question": lesions[0].question, "answer": "Yes.", "image_path": name, "q_id": 0,
+                                 "row_id": f"clip_{seed}"}))
+        gaze += [f"{name},{index},{u:.1f},{v:.1f},{d:g},1" for index, lesion in enumerate(lesions)
+                 for u, v, d in gaze_fixations(lesion, size, seed * 100 + index)]
+    records = folder / "records.jsonl"
+    records.write_text("\n".join(lines) + "\n")
+    (folder / "gaze.csv").write_text("\n".join(gaze) + "\n")
+    return records

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -220,6 +221,8 @@ def test_dicom_frame_all_gives_one_map_per_frame_and_the_manifest_says_which(tmp
     assert raw["all"]["cine_idx0_f0.png"] == raw["first"]["cine_idx0.png"]
     assert raw["all"]["cine_idx0_f1.png"] == raw["middle"]["cine_idx0.png"]
     assert raw["all"]["cine_idx0_f0.png"] != raw["all"]["cine_idx0_f1.png"]
+    clip = cv2.VideoCapture(str(tmp_path / "all" / "cine_idx0.mp4"))        # the frames' overlays as one clip
+    assert clip.get(cv2.CAP_PROP_FRAME_COUNT) == 3 and not (tmp_path / "first" / "cine_idx0.mp4").exists()
 
     # the gallery shows each map beside the frame it explains
     assert cli("report", str(tmp_path / "all")).returncode == 0
