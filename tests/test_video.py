@@ -20,9 +20,12 @@ def clip_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clips")
     records = write_demo_clips(folder, count=2, frames=6, size=96)
     (folder / "clips" / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 50)
+    empty = cv2.VideoWriter(str(folder / "clips" / "empty.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    empty.release()                                               # a container that opens, with no frame in it
     lines = records.read_text().splitlines()
     lines.append(json.dumps({"question": "q?", "answer": "a", "image_path": "clips/garbage.mp4", "q_id": 0}))
     lines.append(json.dumps({"question": "q?", "answer": "a", "image_path": "clips/missing.avi", "q_id": 0}))
+    lines.append(json.dumps({"question": "q?", "answer": "a", "image_path": "clips/empty.avi", "q_id": 0}))
     records.write_text("\n".join(lines) + "\n")
     return folder
 
@@ -57,8 +60,10 @@ def test_clips_give_a_map_per_frame_an_overlay_clip_and_bad_clips_one_line_each(
     with open(out / "errors.csv", newline="") as handle:
         errors = list(csv.DictReader(handle))
     assert [(e["image_path"], e["stage"]) for e in errors] == [("clips/garbage.mp4", "load"),
-                                                                ("clips/missing.avi", "load")]
+                                                                ("clips/missing.avi", "load"),
+                                                                ("clips/empty.avi", "load")]
     assert "unreadable video" in errors[0]["reason"] and "file not found" in errors[1]["reason"]
+    assert errors[2]["reason"] == "video holds no frames"
     for name in ("clip_100_idx0.mp4", "clip_101_idx0.mp4"):
         capture = cv2.VideoCapture(str(out / "clips" / name))
         assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 6 and capture.get(cv2.CAP_PROP_FPS) == 10
