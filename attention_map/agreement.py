@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from . import outputs, saliency
-from .evaluate import EvaluationError, _image_size, cluster_bootstrap, metric_table, write_results
+from .evaluate import EvaluationError, png_size, cluster_bootstrap, metric_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     for row in rows:
         key = (row["source_image"], row.get("frame", ""))
         if key not in shapes:
-            width, height = _image_size(output_dir / row["raw_map"])
+            width, height = png_size(output_dir / row["raw_map"])
             shapes[key] = (height, width)
     # shuffled AUC: every film's fixated places, as fractions of its width and height, and whose they are
     number = {film: i for i, film in enumerate(sorted({key[0] for key in shapes}))}
@@ -240,9 +240,13 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in table]), films, resamples, seed) for name in names}
     found = retrieval([total / count for total, count, _ in grids.values()],
                       [sum(truths.values()) for *_, truths in grids.values()], seed=seed) if len(grids) > 1 else {}
-    clips = {film: {"frames": len({s["frame"] for s in table if s["source_image"] == film})} |
-             {name: float(np.nanmean([s[name] for s in table if s["source_image"] == film])) for name in names}
-             for film in dict.fromkeys(films) if any(s["frame"] for s in table if s["source_image"] == film)}
+    by_clip: dict[str, list[dict]] = {}
+    for scores in table:
+        if scores["frame"]:
+            by_clip.setdefault(scores["source_image"], []).append(scores)
+    clips = {clip: {"frames": len({s["frame"] for s in members})} |
+             {name: float(np.nanmean([s[name] for s in members])) for name in names}
+             for clip, members in by_clip.items()}
     result = Agreement(len(table), len(set(films)), without,
                        f"{sigma:g} px" if sigma else "3% of each film's larger side",
                        "" if baseline is None else str(baseline), aggregates, found, clips, gaze.skipped)

@@ -189,7 +189,7 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
                 mask |= box.mask(*heat.shape)
             scores |= heatmap_scores(heat, mask, top_percent)
         if row.get("boxes"):
-            width, height = _image_size(output_dir / row["image_path"])
+            width, height = png_size(output_dir / row["image_path"])
             true_boxes = [corner for box in boxes for corner in box.pixels(height, width)]
             scores |= box_scores(json.loads(row["boxes"]), true_boxes)
         scored.append(scores)
@@ -204,7 +204,7 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     return result
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def png_size(path: Path) -> tuple[int, int]:
     """(width, height) of a PNG the run wrote (film-sized), from its header."""
     try:
         with open(path, "rb") as handle:

@@ -92,12 +92,12 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: lis
                         boxes = tuple((*box[:4], round(box[4], 4)) for box in boxes_from_map(
                             heat, settings.BOX_THRESHOLD, settings.BOX_MIN_AREA, settings.BOX_PADDING))
                         images[job.boxes_image] = draw_boxes(film, boxes)
-                with times("render"):
-                    if job.heatmap:
+                if job.heatmap:
+                    with times("render"):
                         images[job.heatmap] = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
-                    if job.raw_map:
-                        images[job.raw_map] = raw_map_16bit(heat)
             with _stage("write"), times("png write"):
+                if job.raw_map:
+                    images[job.raw_map] = raw_map_16bit(heat)
                 for name in job.files:     # the manifest's image last: its presence means done
                     outputs.write_png(settings.OUTPUT_DIR / name, images[name])
             written.append((job, dataclasses.replace(how, warning="; ".join(n for n in notes if n), boxes=boxes)))

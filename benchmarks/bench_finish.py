@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from attention_map import heatmaps  # noqa: E402
 from attention_map.config import load_settings  # noqa: E402
 from attention_map.maps import grid_to_image  # noqa: E402
-from attention_map.plan import Job, Made  # noqa: E402
+from attention_map.plan import Made, make_job  # noqa: E402
 from attention_map.body_mask import body_mask  # noqa: E402
 from attention_map.postprocess import apply_mask, crf_refine  # noqa: E402
 from attention_map.render import colormap_lut, raw_map_16bit  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
         for stage, seconds in former_finish(film, film_grids, work / "a", f"f{index}", settings.COLORMAP,
                                             settings.ALPHA).seconds.items():
             totals["a"].add(stage, seconds)
-        jobs = [Job(q, None, f"f{index}_{q}.png") for q in range(args.prompts)]
+        jobs = [make_job(q, None, f"f{index}_{q}.png", None, settings) for q in range(args.prompts)]
         made = [Made("gScoreCAM", "", 0.0)] * len(jobs)
         _, seconds_by_stage = heatmaps.finish(settings, film, jobs, film_grids, made)
         for stage, seconds in seconds_by_stage.items():
