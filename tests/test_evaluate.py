@@ -47,7 +47,7 @@ def test_the_bootstrap_resamples_films_not_heatmaps():
 def random_run(tmp_path_factory, tiny_model, cxr):
     out = tmp_path_factory.mktemp("evaluate") / "out"
     result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}",
-                 "PROMPT_SOURCE=both")
+                 "PROMPT_SOURCE=both", "OUTPUT_KIND=both")     # the config's SKIP_CRF=true holds for the boxes too
     assert result.returncode == 0, result.stderr
     return out
 
@@ -61,6 +61,9 @@ def test_random_weights_score_at_chance_on_the_real_expert_boxes(random_run, cxr
     for name, chance in (("energy_ratio", 1.0), ("auroc", 0.5)):     # a sanity bound, not a quality bar
         assert aggregates[name]["low"] <= chance <= aggregates[name]["high"], (name, aggregates[name])
     assert aggregates["hit"]["low"] < aggregates["hit"]["mean"] < aggregates["hit"]["high"]
+    # the boxes drawn from maps that know nothing find no expert box
+    assert aggregates["box_recall"]["mean"] <= 0.2 and aggregates["box_best_iou"]["mean"] < 0.3
+    assert aggregates["boxes_predicted"]["mean"] >= 1
     with open(random_run / "evaluation.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 47 and all(0 <= float(r["energy"]) <= 1 for r in rows)

@@ -142,6 +142,7 @@ def test_rerun_skips_finished_heatmaps_and_overwrite_or_new_settings_redo_them(t
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     assert "6 heatmaps written, 0 failed, 0 already done" in first.stdout
+    assert all(row["boxes"] == "" for row in read_manifest(out)) and not (out / "boxes.jsonl").exists()
     before = _digests(out)
     (out / "films" / "synthetic_001_idx0_r0.png").write_bytes(b"\x89PNG\r\n\x1a\ncut")   # damaged: made again
     again = cli(*args)
