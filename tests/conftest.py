@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from local_cluster import ImageBuild, missing_tools
-
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
 
@@ -33,26 +31,20 @@ if "zone_retrain" in sys.argv:
 """
 RETRAINS = ("toy_retrain", "zone_retrain")
 _retrain: dict = {}
-_image: list = []
 
 
 def pytest_collection_modifyitems(items):
-    """Three things wait far more than they compute, so they start now and overlap the other tests:
-    - the toy model's retrain (with the zone classifier's after it), in a process of its own on one thread; the
-      tests go on at a lower priority (nice 5), so that the retrain, the longest single piece, keeps its core; its
-      tests run last and wait for it;
-    - the Docker image's build (debootstrap, apt and pip inside the build: the network and the disk), in a thread;
-      its test runs just before the retrain's;
-    - the Slurm array test runs first, its tasks beside the retrain."""
-    def uses(item, *names) -> bool:
-        return any(name in getattr(item, "fixturenames", ()) for name in names)
+    """The cluster tests (a Slurm array, the Docker image) run first: much of their time is spent waiting on the
+    scheduler, the network and the disk, which at the end of the session (the retrain done) would leave a core idle,
+    and at the start overlaps the retrain. When the toy model's retrain is among the tests, it starts
+    now (with the zone classifier's after it) in a process of its own on one thread, so that its minutes overlap the
+    other tests, and the tests go on at a lower priority (nice 5), so that the retrain, the longest single piece, keeps
+    its core; its test runs last and waits for it."""
+    def retrains(item) -> bool:
+        return any(name in getattr(item, "fixturenames", ()) for name in RETRAINS)
 
-    items.sort(key=lambda item: (uses(item, *RETRAINS), uses(item, "image_build"),
-                                 item.path.name != "test_cluster.py"))
-    wanted = sorted({name for item in items for name in RETRAINS if uses(item, name)})
-    if any(uses(item, "image_build") for item in items) and os.geteuid() == 0 \
-            and not missing_tools("dockerd", "docker", "debootstrap"):
-        _image.append(ImageBuild(Path(tempfile.mkdtemp(prefix="attention-map-docker-"))).start())
+    items.sort(key=lambda item: (retrains(item), item.path.name != "test_cluster.py"))
+    wanted = sorted({name for item in items for name in RETRAINS if name in getattr(item, "fixturenames", ())})
     if wanted:
         work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
         _retrain.update(work=work, process=subprocess.Popen(
@@ -61,16 +53,7 @@ def pytest_collection_modifyitems(items):
         os.nice(5)
 
 
-@pytest.fixture(scope="session")
-def image_build():
-    """The Docker image's build started at collection, or None where the tools it needs are missing."""
-    return _image[0] if _image else None
-
-
 def pytest_sessionfinish():
-    for build in _image:                  # a session that ends before the Docker test does not leave dockerd behind
-        build.engine.stop()
-        shutil.rmtree(build.folder, ignore_errors=True)
     if _retrain:
         _retrain["process"].kill()        # a session that ends early does not wait for it
         _retrain["process"].wait()
