@@ -32,11 +32,27 @@ PERMUTATIONS = 1000
 class Gaze:
     """Where clinicians looked: fixations (x, y, duration) per (image_path, frame) from a CSV, or a folder of maps."""
     fixations: dict = field(default_factory=dict)
+    readers: dict = field(default_factory=dict)    # the `reader` of each fixation, in the same order
     folder: Path | None = None
     skipped: list = field(default_factory=list)    # one-line reasons for the CSV rows that could not be read
 
     def points(self, image_path: str, frame: str) -> list | None:
         return self.fixations.get((image_path, frame)) if self.folder is None else None
+
+    def inter_reader_cc(self, image_path: str, frame: str, shape: tuple[int, int], sigma: float) -> float:
+        """How well the readers of a film agree: the mean over readers of the CC between one reader's map and the
+        map of all the others (a ceiling for a model's CC); NaN where fewer than two readers looked."""
+        points, readers = self.fixations.get((image_path, frame), []), self.readers.get((image_path, frame), [])
+        names = sorted(set(readers))
+        if self.folder is not None or len(names) < 2:
+            return float("nan")
+        agreement = []
+        for name in names:
+            mine = [point for point, reader in zip(points, readers) if reader == name]
+            others = [point for point, reader in zip(points, readers) if reader != name]
+            agreement.append(saliency.cc(saliency.fixation_map(mine, shape, sigma),
+                                         saliency.fixation_map(others, shape, sigma)))
+        return float(np.mean(agreement))
 
     def truth_map(self, image_path: str, frame: str, shape: tuple[int, int], sigma: float) -> np.ndarray | None:
         """The clinicians' map of a film (or frame) at `shape`, or None where there is none."""
@@ -91,6 +107,7 @@ def read_gaze(path: Path) -> Gaze:
                     continue
                 key = ((row["image_path"] or "").strip(), frame)
                 gaze.fixations.setdefault(key, []).append((values["x"], values["y"], values["duration"]))
+                gaze.readers.setdefault(key, []).append((row.get("reader") or "").strip())
     return gaze
 
 
@@ -202,11 +219,13 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     table, without = [], 0
     grids: dict = {}              # (film, frame) -> [sum of its model maps, count, clinician map] on the retrieval grid
     current = (None, None)        # the last film's key and clinician map (a film's rows are usually together)
+    readers = {}                  # (film, frame) -> the readers' agreement with each other
     for row in rows:
         key = (row["source_image"], row.get("frame", ""))
         shape = shapes[key]
         if current[0] != key:
             current = (key, gaze.truth_map(*key, shape, sigma if sigma else 0.03 * max(shape)))
+            readers.setdefault(key, gaze.inter_reader_cc(*key, shape, sigma if sigma else 0.03 * max(shape)))
         truth = current[1]
         if truth is None or truth.max() <= 0:
             without += 1
@@ -238,6 +257,9 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     films = np.array([s["source_image"] for s in table])
     names = [name for name in MAP_METRICS + LOCATION_METRICS + ("info_gain",) if name in table[0]]
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in table]), films, resamples, seed) for name in names}
+    if any(np.isfinite(list(readers.values()))):
+        aggregates["inter_reader_cc"] = cluster_bootstrap(np.array(list(readers.values())),
+                                                          np.array([key[0] for key in readers]), resamples, seed)
     found = retrieval([total / count for total, count, _ in grids.values()],
                       [sum(truths.values()) for *_, truths in grids.values()], seed=seed) if len(grids) > 1 else {}
     by_clip: dict[str, list[dict]] = {}

@@ -186,3 +186,17 @@ def test_evaluate_truth_maps_from_fixations_and_from_a_folder(tmp_path):
     assert from_folder.retrieval["clinician_to_model_r@1"]["value"] == 1
     missing = cli("evaluate", tmp_path / "run", "--truth-maps", tmp_path / "nowhere")
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+
+
+def test_inter_reader_agreement_is_the_ceiling_of_two_or_more_readers(tmp_path):
+    from attention_map.agreement import read_gaze
+
+    gaze = tmp_path / "gaze.csv"
+    same = [f"a.png,{x},{y},0.5,{reader}" for reader in ("r1", "r2") for x, y in ((10, 10), (40, 30))]
+    apart = ["b.png,10,10,0.5,r1", "b.png,12,8,0.5,r1", "b.png,50,35,0.5,r2"]
+    gaze.write_text("\n".join(["image_path,x,y,duration,reader"] + same + apart + ["c.png,5,5,1,r1"]) + "\n")
+    read = read_gaze(gaze)
+    assert read.inter_reader_cc("a.png", "", (40, 60), 4) == pytest.approx(1)       # they looked at the same places
+    assert read.inter_reader_cc("b.png", "", (40, 60), 4) < 0.1                      # at different places
+    assert np.isnan(read.inter_reader_cc("c.png", "", (40, 60), 4))                  # one reader: no ceiling
+    assert read.truth_map("a.png", "", (40, 60), 4).sum() == pytest.approx(1)         # the readers pooled
