@@ -2,10 +2,11 @@
 PNGs), scored per heatmap by the saliency metrics (attention_map.saliency) with cluster-bootstrap intervals over
 films, and by retrieval (does a case's model map pick out its own clinician map among all cases'?).
 
-Fixations CSV: image_path, x, y, duration (film pixels, seconds), optional frame (of a clip or multi-frame DICOM)
-and reader. A film's fixations, all readers together, become a map by a Gaussian of `sigma` pixels per fixation
-weighted by its duration. A folder holds one grey PNG per film, at the film's path with the extension .png (a
-frame's: `<name>_f<frame>.png`), read as is.
+Fixations CSV: image_path, x, y, duration (film pixels, seconds), optional frame (of a clip or multi-frame DICOM;
+fixations without one hold for every frame that has none of its own) and reader. A film's fixations, all readers
+together, become a map by a Gaussian of `sigma` pixels per fixation weighted by its duration. A folder holds one
+grey PNG per film, at the film's path with the extension .png (a frame's: `<name>_f<frame>.png`, else the clip's
+`<name>.png`), read as is.
 """
 from __future__ import annotations
 
@@ -36,13 +37,18 @@ class Gaze:
     folder: Path | None = None
     skipped: list = field(default_factory=list)    # one-line reasons for the CSV rows that could not be read
 
+    def _key(self, image_path: str, frame: str) -> tuple[str, str]:
+        """Fixations recorded for a frame, else for the whole clip or object (no `frame`): those hold for every frame."""
+        return (image_path, frame) if (image_path, frame) in self.fixations else (image_path, "")
+
     def points(self, image_path: str, frame: str) -> list | None:
-        return self.fixations.get((image_path, frame)) if self.folder is None else None
+        return self.fixations.get(self._key(image_path, frame)) if self.folder is None else None
 
     def inter_reader_cc(self, image_path: str, frame: str, shape: tuple[int, int], sigma: float) -> float:
         """How well the readers of a film agree: the mean over readers of the CC between one reader's map and the
         map of all the others (a ceiling for a model's CC); NaN where fewer than two readers looked."""
-        points, readers = self.fixations.get((image_path, frame), []), self.readers.get((image_path, frame), [])
+        key = self._key(image_path, frame)
+        points, readers = self.fixations.get(key, []), self.readers.get(key, [])
         names = sorted(set(readers))
         if self.folder is not None or len(names) < 2:
             return float("nan")
@@ -57,10 +63,12 @@ class Gaze:
     def truth_map(self, image_path: str, frame: str, shape: tuple[int, int], sigma: float) -> np.ndarray | None:
         """The clinicians' map of a film (or frame) at `shape`, or None where there is none."""
         if self.folder is None:
-            points = self.fixations.get((image_path, frame))
+            points = self.points(image_path, frame)
             return None if not points else saliency.fixation_map(points, shape, sigma)
         relative = PurePosixPath(image_path)
         path = self.folder / relative.parent / (relative.stem + (f"_f{frame}" if frame else "") + ".png")
+        if not path.is_file():       # a frame without its own map takes the clip's
+            path = self.folder / relative.parent / (relative.stem + ".png")
         if not path.is_file():
             return None
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

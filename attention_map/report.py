@@ -1,6 +1,7 @@
 """A self-contained `index.html` gallery of a run: film, overlay and raw map side by side per heatmap, with the
-question, answer and prompt, and the evaluation's figures when `evaluate` has run. Images are embedded as data URIs,
-so the file opens from disk without a server. Every text that comes from the data is HTML-escaped."""
+question, answer and prompt, and the evaluation's figures when `evaluate` has run (against boxes, and against the
+clinicians' attention). Images are embedded as data URIs, so the file opens from disk without a server. Every text
+that comes from the data is HTML-escaped."""
 from __future__ import annotations
 
 import base64
@@ -88,6 +89,9 @@ def write_report(output_dir: Path) -> Path:
     scores = {}
     if (output_dir / "evaluation.csv").is_file():
         scores = {row["image_path"]: row for row in outputs.read_csv(output_dir / "evaluation.csv")}
+    agreed = {}
+    if (output_dir / "agreement.csv").is_file():
+        agreed = {row["image_path"]: row for row in outputs.read_csv(output_dir / "agreement.csv")}
     root = read_run_config(output_dir).get("IMAGE_ROOT")
     image_root = Path(root) if root else None
 
@@ -108,6 +112,11 @@ def write_report(output_dir: Path) -> Path:
         if score is not None and score.get("box_recall", "") != "":
             metrics += (f'{"; " if metrics else ""}boxes: {float(score["boxes_predicted"]):.0f}, recall at IoU 0.5 '
                         f'{float(score["box_recall"]):.2f}, best IoU {float(score["box_best_iou"]):.2f}')
+        if row["image_path"] in agreed:
+            clinicians = agreed[row["image_path"]]
+            metrics += (f'{"; " if metrics else ""}clinicians: CC {float(clinicians["cc"]):.2f}'
+                        + "".join(f', {label} {float(clinicians[name]):.2f}' for name, label in
+                                  (("nss", "NSS"), ("auc_judd", "AUC-Judd")) if clinicians.get(name, "") != ""))
         metrics = f'<div class="metrics">{metrics}</div>' if metrics else ""
         boxes_image = outputs.boxes_image_name(row["image_path"])
         boxes = (_img(_data_uri(_read(output_dir / boxes_image)), "boxes")

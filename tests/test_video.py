@@ -97,6 +97,14 @@ def test_clinicians_maps_are_scored_per_frame_and_over_each_clip(clip_data, tiny
     assert summary["clips"]["clips/clip_100.mp4"]["cc"] == pytest.approx(per_clip, abs=1e-5)
     assert "Over each clip" in result.stdout
 
+    # fixations recorded for a whole clip (no frame) hold for each of its frames
+    whole = clip_data / "whole_clip_gaze.csv"
+    whole.write_text("image_path,x,y,duration\n" + "".join(f"clips/clip_{seed}.mp4,{x},{y},0.5\n"
+                                                           for seed in (100, 101) for x, y in ((30, 40), (60, 50))))
+    assert cli("evaluate", out, "--truth-maps", whole).returncode == 0
+    summary = json.loads((out / "agreement.json").read_text())
+    assert summary["heatmaps"] == 12 and all(clip["frames"] == 6 for clip in summary["clips"].values())
+
 
 def test_without_an_mp4_encoder_the_clip_is_a_gif(tmp_path, monkeypatch):
     class NoEncoder:
