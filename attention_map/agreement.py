@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 
 from . import outputs, saliency
-from .evaluate import EvaluationError, png_size, cluster_bootstrap, metric_table, write_results
+from .evaluate import (EvaluationError, cluster_bootstrap, metric_table, png_size, read_raw_map,
+                       write_results)
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,13 @@ class Gaze:
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise EvaluationError(f"{path}: not a readable PNG")
-        if image.ndim == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        image = image.astype(np.float64)
-        if image.shape != shape:
-            image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-        return image
+        return _resized(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image, shape)
+
+
+def _resized(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A map as float64 at `shape` (height, width), averaged down or interpolated up where it has another size."""
+    image = image.astype(np.float64)
+    return image if image.shape == shape else cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
 def read_gaze(path: Path) -> Gaze:
@@ -117,13 +119,6 @@ def read_gaze(path: Path) -> Gaze:
                 gaze.fixations.setdefault(key, []).append((values["x"], values["y"], values["duration"]))
                 gaze.readers.setdefault(key, []).append((row.get("reader") or "").strip())
     return gaze
-
-
-def _read_raw_map(output_dir: Path, name: str) -> np.ndarray:
-    heat = cv2.imread(str(output_dir / name), cv2.IMREAD_UNCHANGED)
-    if heat is None:
-        raise EvaluationError(f"{output_dir / name}: raw map missing or unreadable")
-    return heat.astype(np.float64) / 65535.0
 
 
 def _grid(image: np.ndarray) -> np.ndarray:
@@ -174,8 +169,9 @@ class Agreement:
                  (f" {len(self.skipped_rows)} rows of the fixations file could not be read (see agreement.json)."
                   if self.skipped_rows else ""), ""] + metric_table(self.aggregates)
         if self.retrieval.get("cases", 0) > 1:
-            lines += ["", f"Retrieval over {self.retrieval['cases']} films or clips (a clip's frames together; CC on a {RETRIEVAL_GRID} x {RETRIEVAL_GRID} "
-                      f"grid; p from {PERMUTATIONS} random pairings):", "", "| direction | R@k | chance | p |",
+            lines += ["", f"Retrieval over {self.retrieval['cases']} films or clips (a clip's frames together; CC on "
+                      f"a {RETRIEVAL_GRID} x {RETRIEVAL_GRID} grid; p from {PERMUTATIONS} random pairings):", "",
+                      "| direction | R@k | chance | p |",
                       "|---|---|---|---|"]
             for name, value in self.retrieval.items():
                 if name != "cases":
@@ -224,34 +220,46 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
              for x, y, _ in gaze.points(*key) or []]
     places = np.array(spots, np.float64).reshape(-1, 3)
 
+    readers = {}          # (film, frame) -> the readers' agreement with each other
+
+    def film_truth(key: tuple[str, str]) -> dict:
+        """What every map of one film (or frame) is scored against, made once for all its prompts."""
+        shape = shapes[key]
+        film_sigma = sigma if sigma else 0.03 * max(shape)
+        truth = dict(map=gaze.truth_map(*key, shape, film_sigma))
+        if key not in readers:
+            readers[key] = gaze.inter_reader_cc(*key, shape, film_sigma)
+        if gaze.folder is None:       # location metrics need the fixated pixels themselves
+            elsewhere = places[places[:, 0] != number[key[0]]]
+            truth |= dict(fixated=saliency.fixation_mask(gaze.points(*key), shape),
+                          others=saliency.fixation_mask(np.c_[elsewhere[:, 1] * shape[1],
+                                                              elsewhere[:, 2] * shape[0]], shape))
+            if baseline is not None:
+                truth["base"] = (saliency.centre_baseline(shape) if baseline_map is None
+                                 else _resized(baseline_map, shape))
+        return truth
+
     table, without = [], 0
-    grids: dict = {}              # (film, frame) -> [sum of its model maps, count, clinician map] on the retrieval grid
-    current = (None, None)        # the last film's key and clinician map (a film's rows are usually together)
-    readers = {}                  # (film, frame) -> the readers' agreement with each other
+    grids: dict = {}      # film or clip -> [sum of its model maps, their count, {frame: clinician map}], retrieval grid
+    current = (None, {})  # the last film's key and what it is scored against (a film's rows are usually together)
     for row in rows:
         key = (row["source_image"], row.get("frame", ""))
-        shape = shapes[key]
         if current[0] != key:
-            current = (key, gaze.truth_map(*key, shape, sigma if sigma else 0.03 * max(shape)))
-            readers.setdefault(key, gaze.inter_reader_cc(*key, shape, sigma if sigma else 0.03 * max(shape)))
-        truth = current[1]
+            current = (key, film_truth(key))
+        film = current[1]
+        truth = film["map"]
         if truth is None or truth.max() <= 0:
             without += 1
             continue
-        heat = _read_raw_map(output_dir, row["raw_map"])
+        heat = read_raw_map(output_dir, row["raw_map"])
         scores = dict(image_path=row["image_path"], source_image=row["source_image"], frame=row.get("frame", ""),
                       prompt=row["prompt"], cc=saliency.cc(heat, truth), kl=saliency.kl(heat, truth),
                       sim=saliency.sim(heat, truth))
-        if gaze.folder is None:       # location metrics need the fixated pixels themselves
-            fixated = saliency.fixation_mask(gaze.points(*key), shape)
-            elsewhere = places[places[:, 0] != number[key[0]]]
-            others = saliency.fixation_mask(np.c_[elsewhere[:, 1] * shape[1], elsewhere[:, 2] * shape[0]], shape)
-            scores |= dict(nss=saliency.nss(heat, fixated), auc_judd=saliency.auc_judd(heat, fixated),
-                           auc_shuffled=saliency.auc_shuffled(heat, fixated, others))
-            if baseline is not None:
-                base = (saliency.centre_baseline(shape) if baseline_map is None else
-                        cv2.resize(baseline_map.astype(np.float64), (shape[1], shape[0]), interpolation=cv2.INTER_AREA))
-                scores["info_gain"] = saliency.information_gain(heat, base, fixated)
+        if "fixated" in film:
+            scores |= dict(nss=saliency.nss(heat, film["fixated"]), auc_judd=saliency.auc_judd(heat, film["fixated"]),
+                           auc_shuffled=saliency.auc_shuffled(heat, film["fixated"], film["others"]))
+        if "base" in film:
+            scores["info_gain"] = saliency.information_gain(heat, film["base"], film["fixated"])
         table.append(scores)
         # retrieval is by film or clip: a clip's frames (and prompts) together, their model and clinician maps summed
         entry = grids.setdefault(key[0], [np.zeros((RETRIEVAL_GRID,) * 2, np.float32), 0, {}])

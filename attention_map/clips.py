@@ -54,7 +54,7 @@ def write_clips(output_dir: Path, rows: list[dict[str, str]], image_root: Path |
     for row in rows:
         if row.get("frame"):
             groups.setdefault(clip_name(row["image_path"], row["frame"]), []).append(row)
-    written = []
+    written, rates = [], {}      # rates: frames per second of each source, read once for all its prompts
     for name, members in groups.items():
         if len(members) < 2:
             continue
@@ -64,6 +64,9 @@ def write_clips(output_dir: Path, rows: list[dict[str, str]], image_root: Path |
             log.warning("%s: not made, a frame's overlay is missing or of another size", name)
             continue
         stride = int(members[1]["frame"]) - int(members[0]["frame"])
-        rate = frame_rate(image_root / members[0]["source_image"]) if image_root else 10.0
+        source = members[0]["source_image"]
+        if source not in rates:
+            rates[source] = frame_rate(image_root / source) if image_root else 10.0
+        rate = rates[source]
         written.append(write_clip(output_dir / name, [frame[..., ::-1] for frame in frames], rate / max(stride, 1)))
     return written

@@ -1,5 +1,6 @@
 """Heatmaps against expert boxes: pointing game, energy in the boxes, IoU/Dice of thresholded maps, pixel AUROC, and
-the boxes drawn from the maps scored as detections (precision and recall at IoU 0.5, best IoU); aggregated with 95% confidence intervals by a cluster bootstrap over films (a film's heatmaps are not independent).
+the boxes drawn from the maps scored as detections (precision and recall at IoU 0.5, best IoU); aggregated with 95%
+confidence intervals by a cluster bootstrap over films (a film's heatmaps are not independent).
 
 Ground truth is GEMeX records (`visual_locations`: [x1, y1, x2, y2] corners on the 224 x 224 grid, one box per
 visual region, scaled to each film) or a CSV of pixel boxes `image_path,x,y,w,h,label`. A question's heatmap is
@@ -180,10 +181,7 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
             continue
         scores = dict(image_path=row["image_path"], source_image=row["source_image"], prompt=row["prompt"])
         if row["raw_map"]:
-            heat = cv2.imread(str(output_dir / row["raw_map"]), cv2.IMREAD_UNCHANGED)
-            if heat is None:
-                raise EvaluationError(f"{output_dir / row['raw_map']}: raw map missing or unreadable")
-            heat = heat.astype(np.float64) / 65535.0
+            heat = read_raw_map(output_dir, row["raw_map"])
             mask = np.zeros(heat.shape, bool)
             for box in boxes:
                 mask |= box.mask(*heat.shape)
@@ -202,6 +200,14 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     write_results(output_dir, "evaluation", scored, result, truth=str(truth_path), bootstrap_resamples=resamples,
                   seed=seed)
     return result
+
+
+def read_raw_map(output_dir: Path, name: str) -> np.ndarray:
+    """A run's 16-bit raw map as float64 in [0, 1]."""
+    heat = cv2.imread(str(output_dir / name), cv2.IMREAD_UNCHANGED)
+    if heat is None:
+        raise EvaluationError(f"{output_dir / name}: raw map missing or unreadable")
+    return heat.astype(np.float64) / 65535.0
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -15,14 +15,21 @@ from scipy.stats import rankdata
 EPS = np.finfo(np.float64).eps     # the MIT benchmark's epsilon in KL and the information gain
 
 
+def _on_film(points, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of points (x, y, ...) in pixels, those that fall on the film as an (N, k) array, and their pixels' rows and
+    columns."""
+    array = np.asarray(points, np.float64).reshape(len(points), -1) if len(points) else np.zeros((0, 3))
+    rows, columns = np.round(array[:, 1]).astype(int), np.round(array[:, 0]).astype(int)
+    inside = (rows >= 0) & (rows < shape[0]) & (columns >= 0) & (columns < shape[1])
+    return array[inside], rows[inside], columns[inside]
+
+
 def fixation_map(points, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """A fixation density (H, W), summing to 1: each fixation (x, y, duration) in pixels a Gaussian of `sigma` pixels
     (truncated at 4 sigma) weighted by its duration. All zero when there is no fixation on the film."""
     impulses = np.zeros(shape, np.float64)
-    for x, y, duration in points:
-        row, column = int(round(y)), int(round(x))
-        if 0 <= row < shape[0] and 0 <= column < shape[1]:
-            impulses[row, column] += max(float(duration), 0.0)
+    kept, rows, columns = _on_film(points, shape)
+    np.add.at(impulses, (rows, columns), np.maximum(kept[:, 2], 0.0))
     if impulses.sum() <= 0:
         return impulses
     size = 2 * int(np.ceil(4 * sigma)) + 1
@@ -33,10 +40,8 @@ def fixation_map(points, shape: tuple[int, int], sigma: float) -> np.ndarray:
 def fixation_mask(points, shape: tuple[int, int]) -> np.ndarray:
     """The fixated pixels (x, y[, ...] in pixels) that fall on the film."""
     mask = np.zeros(shape, bool)
-    points = np.asarray(points, np.float64).reshape(-1, np.shape(points)[-1] if len(points) else 2)
-    rows, columns = np.round(points[:, 1]).astype(int), np.round(points[:, 0]).astype(int)
-    inside = (rows >= 0) & (rows < shape[0]) & (columns >= 0) & (columns < shape[1])
-    mask[rows[inside], columns[inside]] = True
+    _, rows, columns = _on_film(points, shape)
+    mask[rows, columns] = True
     return mask
 
 

@@ -5,8 +5,8 @@ Under OUTPUT_DIR/shards/, for shard i of n (`0003-of-0008`):
   manifest-<i>-of-<n>.csv    the shard's manifest rows and their place in the input order, written when it ends
   errors-<i>-of-<n>.csv      the shard's failed items, written when it ends
 `merge` joins the n shard manifests into vqa_manifest.csv (input order), boxes.jsonl (where boxes are made) and
-errors.csv, and the frames' overlays of each clip into an overlay clip (attention_map.clips). Shards never write the same
-file, so array tasks can share one OUTPUT_DIR.
+errors.csv, and the frames' overlays of each clip into an overlay clip (attention_map.clips). Shards never write the
+same file, so array tasks can share one OUTPUT_DIR.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ FOLDER = "shards"
 # Settings that change which heatmaps are made or where, but not a heatmap's pixels. Every other key (and any key
 # added later) is part of the fingerprint, so a rerun with other map settings redoes the heatmaps.
 _NOT_IN_FINGERPRINT = {"RESULTS_ROOT", "DATA_FILE", "IMAGE_ROOT", "OUTPUT_DIR", "PROMPT_SOURCE", "STOP_AFTER",
-                       "MAX_IMAGE_PIXELS", "FRAME_STRIDE", "MAX_FRAMES", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME", "OVERWRITE", "FAIL_FAST",
-                       "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "WORKERS", "CONTAINER", "CONTAINER_IMAGE",
-                       "OFFLINE"}
+                       "MAX_IMAGE_PIXELS", "FRAME_STRIDE", "MAX_FRAMES", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME",
+                       "OVERWRITE", "FAIL_FAST", "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "WORKERS",
+                       "CONTAINER", "CONTAINER_IMAGE", "OFFLINE"}
 
 
 class IncompleteError(RuntimeError):
