@@ -1,10 +1,10 @@
-"""attention-map: class-activation maps of medical imaging models (BiomedCLIP with gScoreCAM, classifiers with the
-Grad-CAM family) on chest X-rays, as a batch pipeline with a VQA manifest, and as a Python API:
+"""attention-map: class-activation maps of medical imaging models (BiomedCLIP with gScoreCAM, classifiers and
+detectors with the Grad-CAM family) on chest X-rays, as a batch pipeline with a VQA manifest, and as a Python API:
 
-    from attention_map import explain, EpochHeatmaps
+    from attention_map import explain, EpochHeatmaps, Explainer
 """
 __version__ = "0.1.0"
-__all__ = ["explain", "EpochHeatmaps"]
+__all__ = ["explain", "EpochHeatmaps", "Explainer"]
 
 
 def __getattr__(name: str):

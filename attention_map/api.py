@@ -103,6 +103,72 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
     return np.asarray(maps, dtype=np.float32)
 
 
+class Explainer:
+    """One model and method made ready once for a stream of frames (live video, a detector at the bedside): the hook
+    on the target layer is registered when the Explainer is made and removed by `close` (or at the end of a `with`
+    block), not for each frame.
+
+        with Explainer(load_model("torchvision-det:fcos_resnet50_fpn", device), "HiResCAM", ["topk"]) as explainer:
+            for frame in frames:                         # grey (H, W) in [0, 1], or (H, W, 3) uint8 as video gives
+                maps, detections = explainer(frame)      # (T, H, W) in [0, 1]; [x0, y0, x1, y1, class, score]
+
+    `layer`: as TARGET_LAYER (several, comma-separated, are averaged). The model stays in eval mode with parameters
+    without gradients until `close`, which puts them back as they were. A detector's `box` target gives one map
+    per detection, so T differs between frames; `labels` says what each map of the last frame explains.
+    """
+
+    def __init__(self, model, method: str = "HiResCAM", targets=None, layer: str = "auto", image_size=None,
+                 channels: int = 3, mean=None, std=None, output_names=()):
+        from .cams.layers import LayerAverage
+
+        if method.lower() not in _METHODS:
+            raise ValueError(f"method={method!r} is not one of {', '.join(CAM_METHODS)}")
+        self.names = ([""] if targets is None else [str(t) for t in targets] if isinstance(targets, (list, tuple))
+                      else [str(targets)])
+        module = model.module if isinstance(model, ModelAdapter) else model
+        if not isinstance(model, ModelAdapter) and image_size is None:
+            raise ValueError("a bare nn.Module needs image_size=(height, width) of its input")
+        self._evaluating = evaluating(module)
+        self._evaluating.__enter__()
+        try:
+            self.adapter = as_adapter(model, image_size, channels, mean, std, output_names)
+            methods = [CAM_METHODS[_METHODS[method.lower()]](self.adapter, name.strip())
+                       for name in layer.split(",")]
+            self.cam = methods[0] if len(methods) == 1 else LayerAverage(methods)
+            self.cam.hold()
+        except BaseException:
+            self._evaluating.__exit__(None, None, None)
+            raise
+        self.labels: list[str] = []
+
+    def __call__(self, frame) -> tuple[np.ndarray, list]:
+        """The maps (T, H, W) in [0, 1] of one frame at its own size, and its detections (a detector's: [x0, y0,
+        x1, y1, class, score] in the frame's pixels; [] for other models)."""
+        film = np.asarray(frame)
+        if film.ndim == 3:   # colour video: the grey the pipeline reads
+            film = film.mean(axis=2)
+        film = film.astype(np.float32) / (255.0 if np.asarray(frame).dtype == np.uint8 else 1.0)
+        height, width = film.shape
+        grid_maps = self.cam.explain(self.adapter.prepare(film), self.names)
+        self.labels = [grid_map.target for grid_map in grid_maps]
+        maps = np.stack([grid_to_image(grid_map.cam, (width, height)) for grid_map in grid_maps])
+        detections = [d.in_pixels(width, height) for d in grid_maps[0].detections] if grid_maps else []
+        return maps, detections
+
+    def close(self) -> None:
+        """Remove the hook and put the model's modes and flags back."""
+        if self._evaluating is not None:
+            self.cam.release()
+            self._evaluating.__exit__(None, None, None)
+            self._evaluating = None
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class EpochHeatmaps:
     """Heatmaps of a fixed set of images written during training.
 

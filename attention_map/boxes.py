@@ -70,3 +70,19 @@ def box_scores(predicted, truth, threshold: float = 0.5) -> dict[str, float]:
                 box_recall=hits / len(truth) if truth else float("nan"),
                 box_best_iou=float(np.mean(best_iou)) if truth else float("nan"),
                 boxes_predicted=float(len(predicted)))
+
+
+def renormalize_in_boxes(cam: np.ndarray, boxes) -> np.ndarray:
+    """The map rescaled to [0, 1] inside each box (x0, y0, x1, y1, ...) in pixels, and zero outside them (where boxes
+    overlap, the larger value); the box-renormalised map of pytorch-grad-cam, for detectors."""
+    result = np.zeros_like(cam)
+    height, width = cam.shape
+    for box in boxes:
+        x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+        x1, y1 = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
+        if x1 > x0 and y1 > y0:
+            inside = cam[y0:y1, x0:x1]
+            low, high = inside.min(), inside.max()
+            scaled = (inside - low) / (high - low) if high > low else np.zeros_like(inside)
+            result[y0:y1, x0:x1] = np.maximum(result[y0:y1, x0:x1], scaled)
+    return result

@@ -1,5 +1,5 @@
 """Command line: run | merge | evaluate | report | fetch-model | make-test-model | train-toy-model |
-train-zone-model | make-demo-data | default-conf.
+train-zone-model | train-lesion-detector | make-demo-data | default-conf.
 
 Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
 some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     make = commands.add_parser("make-test-model", help="write a model folder with random weights, offline")
     make.add_argument("folder", type=Path)
     make.add_argument("--arch", default="tiny", help="CLIP-like: biomedclip, tiny, tiny-resnet; classifiers: "
-                      "timm-resnet, timm-vit, torchvision-densenet, xrv-densenet, zone-resnet (six zones x 4 classes)")
+                      "timm-resnet, timm-vit, torchvision-densenet, xrv-densenet, zone-resnet (six zones x 4 classes); "
+                      "detectors: fcos, retinanet, fasterrcnn, ssdlite, tiny-fcos, yolo (needs ultralytics)")
     make.add_argument("--seed", type=int, default=0)
 
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "
@@ -75,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     zones.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/zones.py)")
     zones.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
     zones.add_argument("--check-films", type=int, default=200, help="held-out films to check it on (0: none)")
+
+    lesions = commands.add_parser("train-lesion-detector", help="train the tiny lesion detector on synthetic films "
+                                  "(CPU, minutes), then print its recall and where each method's maps put their energy")
+    lesions.add_argument("folder", type=Path)
+    lesions.add_argument("--steps", type=int, help="training steps (default: the recipe's, see "
+                         "models/lesion_detector.py)")
+    lesions.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
+    lesions.add_argument("--check-films", type=int, default=200, help="held-out films to check it on (0: none)")
 
     demo = commands.add_parser("make-demo-data", help="write synthetic chest films, records (GEMeX fields), "
                                                       "boxes.csv and gaze.csv (synthetic readers' fixations) for the demo")
@@ -136,13 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"On {args.check_films} held-out synthetic films: " + ", ".join(
                 f"{name} {value:.2f}" for name, value in figures.items()))
         return 0
-    if args.command == "train-zone-model":
-        from .models.zones import STEPS, check_zone_model, train_zone_model
+    if args.command in ("train-zone-model", "train-lesion-detector"):
+        from .models import lesion_detector, zones
 
-        folder = train_zone_model(args.folder, STEPS if args.steps is None else args.steps, args.seed)
-        log.info("wrote the zone classifier to %s (use MODEL=%s)", folder, folder)
+        what, recipe, train, check = (
+            ("zone classifier", zones, zones.train_zone_model, zones.check_zone_model)
+            if args.command == "train-zone-model" else
+            ("lesion detector", lesion_detector, lesion_detector.train_lesion_detector,
+             lesion_detector.check_lesion_detector))
+        folder = train(args.folder, recipe.STEPS if args.steps is None else args.steps, args.seed)
+        log.info("wrote the %s to %s (use MODEL=%s)", what, folder, folder)
         if args.check_films:
-            print(json.dumps(check_zone_model(folder, args.check_films), indent=2))
+            print(json.dumps(check(folder, args.check_films), indent=2))
         return 0
     if args.command == "fetch-model":
         from .models.fetch import fetch_model

@@ -22,15 +22,18 @@ RENAMED_KEYS = {"CAM_METHOD": "CAM_VERSION"}
 BODY_MASKS = ("air", "otsu", "none")
 CLASSIFIER_PREFIXES = ("timm:", "torchvision:", "xrv:")
 CLASSIFIER_CONFIG = "classifier_config.json"   # a local classifier folder (see attention_map.models.classifier)
+DETECTOR_PREFIXES = ("torchvision-det:", "yolo:")
+DETECTOR_CONFIG = "detector_config.json"       # a local detector folder (see attention_map.models.detector)
 
 
 def model_kind(model: str) -> str:
-    """'classifier' (a map explains an output of the model) or 'vision-text' (a map explains a prompt), from MODEL
-    alone, before anything is loaded: the records a run reads depend on it."""
-    if model.startswith(CLASSIFIER_PREFIXES):
+    """'classifier' (a map explains an output of the model), 'detector' (its detections) or 'vision-text' (a map
+    explains a prompt), from MODEL alone, before anything is loaded: the records a run reads depend on it."""
+    folder = Path(model.removeprefix("local-dir:")).expanduser()
+    if model.startswith(CLASSIFIER_PREFIXES) or (folder / CLASSIFIER_CONFIG).is_file():
         return "classifier"
-    if (Path(model.removeprefix("local-dir:")).expanduser() / CLASSIFIER_CONFIG).is_file():
-        return "classifier"
+    if model.startswith(DETECTOR_PREFIXES) or (folder / DETECTOR_CONFIG).is_file():
+        return "detector"
     return "vision-text"
 
 
@@ -84,8 +87,9 @@ class Settings:
     # Model
     MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`); a "
                       "classifier: timm:<name>, torchvision:<name>, xrv:<weights name> or a folder with "
-                      f"{CLASSIFIER_CONFIG}", "model")
-    MODEL_WEIGHTS: Path | None = _key(None, "a classifier's weights: a state_dict or a checkpoint holding one (.pt, "
+                      f"{CLASSIFIER_CONFIG}; a detector: torchvision-det:<name>, yolo:<file.pt or name.yaml> or a "
+                      f"folder with {DETECTOR_CONFIG}", "model")
+    MODEL_WEIGHTS: Path | None = _key(None, "a classifier's or detector's weights: a state_dict or a checkpoint holding one (.pt, "
                                       ".pth, .safetensors); empty: the library's own weights", "file", optional=True)
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
     PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
@@ -98,13 +102,21 @@ class Settings:
                                     "so); empty: the item fails into errors.csv", "choice", CAM_VERSIONS,
                                     optional=True)
     TARGET_LAYER: str = _key("auto", "auto (the last spatial layer found by a dry forward; a ViT's last block's "
-                             "norm1), or a dotted module path such as visual.trunk.blocks[-1].norm1")
+                             "norm1; a detector's finest feature map read by its head), or a dotted module path such "
+                             "as visual.trunk.blocks[-1].norm1; several, comma-separated, are averaged")
     TARGETS: tuple = _key((), "a classifier's outputs to explain, comma-separated indices or names; empty: the "
                           "predicted class, or every output named by TARGET_NAMES", "list")
     TARGET_NAMES: tuple = _key((), "names of a classifier's outputs in order (of the zones of a [batch, zones, "
                                "classes] output), e.g. right_sup,left_sup,right_mid,left_mid,right_inf,left_inf",
                                "list")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
+    DETECTION_TARGET: str = _key("topk", "a detector's maps explain: topk (the strongest class scores of the head), "
+                                 "sum (every score: diffuse maps) or box (one map per detection, <name>_det<j>_<class>"
+                                 ".png)", "choice", ("topk", "sum", "box"))
+    TOPK_OUTPUTS: int | None = _key(None, "DETECTION_TARGET=topk: class scores summed (empty: max(50, 1% of them))",
+                                    "int", low=1, optional=True)
+    SCORE_THRESHOLD: float = _key(0.5, "a detector's detections: class score above this (after per-class NMS)",
+                                  "float", low=0.0, high=1.0)
     BATCH_SIZE: int | None = _key(None, "images per forward pass: masked images (gScoreCAM, ScoreCAM; empty: 256 on "
                                   "cuda, 64 on cpu), or films (the gradient methods, EigenCAM; empty: 64 on cuda, 4 "
                                   "on cpu)", "int", low=1, optional=True)
@@ -134,6 +146,9 @@ class Settings:
                         high=1.0)
     SAVE_RAW_CAM: bool = _key(False, "also write the map as a 16-bit grey PNG (<name>_cam.png, 0..65535 = 0..1)",
                               "bool")
+    RENORMALIZE_IN_BOXES: bool = _key(False, "a detector's map rescaled to [0, 1] inside each detection's box and "
+                                      "zeroed outside", "bool")
+    DRAW_BOXES: bool = _key(False, "a detector's detections drawn on the overlay with class and score", "bool")
     # Boxes
     OUTPUT_KIND: str = _key("heatmap", "heatmap: overlays; boxes: boxes drawn on the film (<name>_boxes.png) and "
                             "boxes.jsonl; both", "choice", ("heatmap", "boxes", "both"))
@@ -268,11 +283,13 @@ def _parse_value(name: str, raw: str, where: str):
             raise ValueError(f"{where}: {name}={raw} does not exist or is not a folder")
         return value
     if kind == "model":
-        if not raw.startswith(("hf-hub:",) + CLASSIFIER_PREFIXES):
+        if not raw.startswith(("hf-hub:",) + CLASSIFIER_PREFIXES + DETECTOR_PREFIXES):
             local = Path(raw.removeprefix("local-dir:")).expanduser()
-            if not any((local / name).is_file() for name in ("open_clip_config.json", CLASSIFIER_CONFIG)):
-                raise ValueError(f"{where}: MODEL={raw} is none of hf-hub:<id>, {', '.join(CLASSIFIER_PREFIXES)}<name> "
-                                 f"or a model folder with open_clip_config.json or {CLASSIFIER_CONFIG} (make one with "
+            if not any((local / name).is_file() for name in ("open_clip_config.json", CLASSIFIER_CONFIG,
+                                                             DETECTOR_CONFIG)):
+                raise ValueError(f"{where}: MODEL={raw} is none of hf-hub:<id>, "
+                                 f"{', '.join(CLASSIFIER_PREFIXES + DETECTOR_PREFIXES)}<name> or a model folder with "
+                                 f"open_clip_config.json, {CLASSIFIER_CONFIG} or {DETECTOR_CONFIG} (make one with "
                                  f"`attention-map fetch-model` or `make-test-model`)")
         return raw
     return raw
@@ -346,6 +363,9 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
         where = {name: raw[name][1] for name in ("MODEL_WEIGHTS", "TARGETS", "TARGET_NAMES") if name in raw}
         problems += [f"{where[name]}: {name} applies to classifiers; MODEL={settings.MODEL} is CLIP-like (its maps "
                      f"explain the records' prompts)" for name in where if getattr(settings, name)]
+    if model_kind(settings.MODEL) == "detector" and settings.TARGETS:
+        problems.append(f"{raw['TARGETS'][1]}: TARGETS applies to classifiers; a detector's maps explain "
+                        f"DETECTION_TARGET (topk, sum or box)")
     if problems:
         raise ConfigError(problems)
     if settings.IMAGE_ROOT is None:

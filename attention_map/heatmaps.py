@@ -14,18 +14,19 @@ from . import outputs
 from .config import Settings
 from .images import Film, ImageError
 from .maps import CAMError, grid_to_image
-from .plan import Job, Made
+from .plan import Job, Made, part_job
 from .body_mask import body_mask
-from .boxes import boxes_from_map
+from .boxes import boxes_from_map, renormalize_in_boxes
 from .postprocess import CRFParams, apply_mask, crf_refine
-from .render import draw_boxes, overlay, raw_map_16bit
+from .render import draw_boxes, label_boxes, overlay, raw_map_16bit
 from .timing import StageTimes
 
 
 def explain(model, cam, films: list[Film], jobs: list[list[Job]], fallback=None) -> list:
-    """The maps on the patch grid of a batch of films, one per job, and how each was made (method, target, score,
-    warnings so far: what the reader assumed, flat map, truncated prompt); a StageError("cam") in place of a film's
-    pair where its maps could not be made.
+    """The maps on the patch grid of a batch of films: for each film (its jobs, one per map; maps; how each was made:
+    method, target, score, warnings so far such as what the reader assumed, flat map, truncated prompt; a detector's
+    detections), or a StageError("cam") where its maps could not be made. A job answered by several maps (one per
+    detection) becomes one job per map (`plan.part_job`).
 
     One `explain_batch` for the whole batch (gradient methods: one forward, one backward per target), over every
     target any film of the batch asks for. Where `cam` cannot run (CAMError) the `fallback` method makes the maps,
@@ -49,11 +50,19 @@ def explain(model, cam, films: list[Film], jobs: list[list[Job]], fallback=None)
                 for result in explain(model, cam, [film], [film_jobs], fallback)]
     results = []
     for film, film_jobs, grid_maps in zip(films, jobs, batch_maps):
-        mine = [grid_maps[names.index(job.prompt.text)] for job in film_jobs]
-        made = [Made(method, grid_map.target, grid_map.score,
-                     "; ".join(w for w in (film.warning, why, grid_map.warning, model.note(job.prompt.text)) if w))
-                for job, grid_map in zip(film_jobs, mine)]
-        results.append(([grid_map.cam for grid_map in mine], made))
+        height, width = film.pixels.shape
+        made_jobs, cams, made = [], [], []
+        for job in film_jobs:
+            answers = [grid_map for grid_map in grid_maps if grid_map.asked == job.prompt.text]
+            for part, grid_map in enumerate(answers, start=1):
+                made_jobs.append(job if grid_map.file is None else part_job(job, part, len(answers), grid_map.file))
+                cams.append(grid_map.cam)
+                detections = (tuple(tuple(d.in_pixels(width, height)) for d in grid_map.detections)
+                              if model.detects else None)
+                made.append(Made(method, grid_map.target, grid_map.score, "; ".join(
+                    w for w in (film.warning, why, grid_map.warning, model.note(job.prompt.text)) if w),
+                    detections=detections))
+        results.append((made_jobs, cams, made))
     return results
 
 
@@ -77,9 +86,14 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: lis
         height, width = film.shape
         for job, grid_map, how in zip(jobs, grid_maps, made):
             notes, boxes, images = [how.warning], None, {}
+            # a detection's own map is about its box; any other map of a detector about all of them
+            detections = how.detections or ()
+            boxes_about = detections[job.part - 1:job.part] if job.part else detections
             with _stage("post"):
                 with times("render"):
                     heat = grid_to_image(grid_map, (width, height))
+                    if settings.RENORMALIZE_IN_BOXES and how.detections is not None:
+                        heat = renormalize_in_boxes(heat, boxes_about)
                 if mask is not None:
                     with times("body mask"):
                         heat, mask_warning = apply_mask(heat, mask)
@@ -95,6 +109,8 @@ def finish(settings: Settings, film, jobs: list[Job], grid_maps: list, made: lis
                 if job.heatmap:
                     with times("render"):
                         images[job.heatmap] = overlay(film, heat, settings.COLORMAP, settings.ALPHA)
+                        if settings.DRAW_BOXES and boxes_about:
+                            label_boxes(images[job.heatmap], [(*d[:4], f"{d[4]} {d[5]:.2f}") for d in boxes_about])
             with _stage("write"), times("png write"):
                 if job.raw_map:
                     images[job.raw_map] = raw_map_16bit(heat)

@@ -18,6 +18,7 @@ MANIFEST = "vqa_manifest.csv"
 ERRORS = "errors.csv"
 RUN_CONFIG = "run_config.conf"
 BOXES = "boxes.jsonl"
+DETECTIONS = "detections.jsonl"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ManifestRow:
     target: str = ""     # what the map explains: the prompt, or the classifier output's name or index
     score: str = ""      # the model's score for the target on the film (CLIP: logit_scale * cosine; else the output)
     boxes: str = ""      # where boxes are made: JSON [[x0, y0, x1, y1, score], ...] in film pixels, best first
+    detections: str = ""  # a detector's detections on the film: JSON [[x0, y0, x1, y1, class, score], ...]
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
@@ -197,6 +199,22 @@ def boxes_line(row: dict[str, str]) -> bytes:
         line["frame"] = int(row["frame"])
     line |= dict(overlay=row["image_path"], boxes=json.loads(row["boxes"]))
     return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+
+def detections_lines(rows: list[dict[str, str]]) -> bytes:
+    """detections.jsonl: one line per film (and frame) that a detector read, in manifest order: the film as its
+    record names it, the frame where it has several, and its detections in film pixels, best first."""
+    lines, seen = [], set()
+    for row in rows:
+        key = (row["source_image"], row.get("frame", ""))
+        if row.get("detections") and key not in seen:
+            seen.add(key)
+            line = dict(image_path=row["source_image"])
+            if row.get("frame"):
+                line["frame"] = int(row["frame"])
+            line["detections"] = [dict(box=d[:4], label=d[4], score=d[5]) for d in json.loads(row["detections"])]
+            lines.append((json.dumps(line, ensure_ascii=False) + "\n").encode())
+    return b"".join(lines)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from . import outputs, shards
 from .cams import CAM_METHODS
-from .config import ConfigError, Settings
+from .cams.layers import LayerAverage
+from .config import ConfigError, Settings, model_kind
 from . import heatmaps
 from .heatmaps import StageError
 from .images import ImageError, read_film
@@ -99,9 +100,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def make_cam(name: str, model, settings: Settings, device: torch.device):
-    """The CAM method `name` on `model` with the run's layer, batch size, precision and TOPK."""
-    return CAM_METHODS[name](model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
-                             resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
+    """The CAM method `name` on `model` with the run's layer (several, comma-separated: averaged), batch size,
+    precision and TOPK."""
+    methods = [CAM_METHODS[name](model, layer.strip(), resolve_batch_size(settings.BATCH_SIZE, device),
+                                 resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
+               for layer in settings.TARGET_LAYER.split(",")]
+    return methods[0] if len(methods) == 1 else LayerAverage(methods)
 
 
 def check_targets(model, targets: tuple[str, ...]) -> None:
@@ -149,10 +153,11 @@ def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
     return batch_size or (256 if device.type == "cuda" else 64)
 
 
-def resolve_films_per_batch(cam, batch_size: int | None, device: torch.device) -> int:
-    """Films per forward: BATCH_SIZE for a method that explains a batch at once, else 1. By default 64 on CUDA and 4
-    on the CPU, where larger batches were slower (docs/benchmarks.md, films per forward)."""
-    if not cam.batches_films:
+def resolve_films_per_batch(cam, batch_size: int | None, device: torch.device, per_detection: bool = False) -> int:
+    """Films per forward: BATCH_SIZE for a method that explains a batch at once, else 1 (and 1 for maps per
+    detection, whose number differs between films). By default 64 on CUDA and 4 on the CPU, where larger batches
+    were slower (docs/benchmarks.md, films per forward)."""
+    if not cam.batches_films or per_detection:
         return 1
     return batch_size or (64 if device.type == "cuda" else 4)
 
@@ -216,7 +221,8 @@ def _submit(pool: Executor | None, function, *args) -> Future:
     return future
 
 
-def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, rows: dict[int, outputs.ManifestRow],
+def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress,
+                   rows: dict[tuple[int, int], outputs.ManifestRow],
                    films_per_batch: int) -> dict[Source, list[Job]]:
     """The films still to make; the manifest rows of the finished ones go into `rows`.
 
@@ -233,13 +239,14 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress, ro
             todo.update((film, films[film]) for film in batch)
             continue
         for film in batch:
-            for job, entry in zip(films[film], finished[film]):
+            for job, entry in (done for parts in finished[film] for done in parts):
                 job = dataclasses.replace(job, frame=entry.get("frame"))
                 # an entry of an older version has another settings fingerprint and never gets here
-                boxes = entry.get("boxes")
+                boxes, detections = entry.get("boxes"), entry.get("detections")
                 made = Made(entry["method"], entry["target"], entry["score"], entry["warning"],
-                            None if boxes is None else tuple(map(tuple, boxes)))
-                rows[job.index] = manifest_row(job, made)
+                            None if boxes is None else tuple(map(tuple, boxes)),
+                            None if detections is None else tuple(map(tuple, detections)))
+                rows[job.order] = manifest_row(job, made)
     return todo
 
 
@@ -269,8 +276,10 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
 
     progress = shards.Progress(settings.OUTPUT_DIR, shard, shards.fingerprint(settings),
                                read_existing=settings.RESUME and not settings.OVERWRITE)
-    rows: dict[int, outputs.ManifestRow] = {}
-    films_per_batch = resolve_films_per_batch(CAM_METHODS[settings.CAM_VERSION], settings.BATCH_SIZE, device)
+    rows: dict[tuple[int, int], outputs.ManifestRow] = {}
+    films_per_batch = resolve_films_per_batch(CAM_METHODS[settings.CAM_VERSION], settings.BATCH_SIZE, device,
+                                              per_detection=model_kind(settings.MODEL) == "detector"
+                                              and settings.DETECTION_TARGET == "box")
     todo = _skip_finished(mine, progress, rows, films_per_batch)
     summary.skipped = len(rows)
     if summary.skipped:
@@ -279,11 +288,15 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         log.warning("%d heatmaps in %s were made with other settings and are made again",
                     progress.other_settings, settings.OUTPUT_DIR)
 
-    model = load_model(settings.MODEL, device, settings.OFFLINE, settings.MODEL_WEIGHTS, settings.TARGET_NAMES)
+    model = load_model(settings.MODEL, device, settings.OFFLINE, settings.MODEL_WEIGHTS, settings.TARGET_NAMES,
+                       settings.SCORE_THRESHOLD, settings.TOPK_OUTPUTS)
     check_targets(model, settings.TARGETS)
     todo = drop_unknown_targets(model, todo, summary.errors)
     cam, fallback = (make_cam(name, model, settings, device) if name else None
                      for name in (settings.CAM_VERSION, settings.FALLBACK_CAM))
+    if model.detects:
+        log.info("the detection head reads %s (finest first); TARGET_LAYER=%s", ", ".join(model.head_inputs()),
+                 cam.target_layer)
     workers = resolve_workers(settings.WORKERS, device)
     log.info("model %s on %s, %s at %s%s, %s, %s masked forwards, %d workers", settings.MODEL, device, cam.name,
              cam.target_layer, f" (FALLBACK_CAM={fallback.name})" if fallback else "",
@@ -300,7 +313,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
 
     def written(job: Job, made: Made) -> None:
         progress.add(job, made)
-        rows[job.index] = manifest_row(job, made)
+        rows[job.order] = manifest_row(job, made)
         summary.heatmaps += 1
         if made.warning:
             summary.warnings += 1
@@ -317,8 +330,9 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     def failed(image_path: str, jobs: list[Job], error: StageError) -> None:
         for done in error.written:
             written(*done)
+        made = {job.order for job, _ in error.written}
         for job in jobs:
-            if job.index not in rows:
+            if job.order not in made:
                 record = job.prompt.record
                 summary.errors.append((str(record.line), record.image_path, error.stage, str(error)))
         log.error("%s: %s failed: %s", image_path, error.stage, error)
@@ -363,7 +377,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
                 failed(str(source), jobs, result)
                 bar.update(1)
             else:
-                post_process(source, film, jobs, *result)
+                post_process(source, film, *result)   # the film's jobs, one per map (a detection's have their own)
         batch.clear()
         collect(wait_all=False)
 

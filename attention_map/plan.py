@@ -2,6 +2,7 @@
 their manifest rows."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,14 @@ class Job:
     heatmap: str = ""
     boxes_image: str = ""
     raw_map: str = ""
+    part: int = 0        # of the maps one planned job made (a detector's detections), 1, 2, ...; 0: the job itself
+    parts: int = 0       # how many maps the planned job made, for a part
+    parent: str = ""     # the planned job's overlay, for a part
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """The manifest's order: the planned job's place, then the part's."""
+        return self.index, self.part
 
     @property
     def files(self) -> list[str]:
@@ -50,6 +59,21 @@ def make_job(index: int, prompt: Prompt, name: str, frame: int | None, settings:
     return Job(index, prompt, boxes if settings.OUTPUT_KIND == "boxes" else name, frame,
                heatmap="" if settings.OUTPUT_KIND == "boxes" else name, boxes_image=boxes,
                raw_map=outputs.raw_map_name(name) if settings.SAVE_RAW_CAM else "")
+
+
+PART_MARK = "_det"   # the segment of a planned `box` job's names that each detection's own names replace
+
+
+def part_job(job: Job, part: int, parts: int, suffix: str) -> Job:
+    """The job of one of the several maps a planned job makes (a detection's): its files named as the planned job's
+    with the `_det` segment replaced by `_<suffix>` (`x_det.png` -> `x_det0_nodule.png`)."""
+    def rename(name: str) -> str:
+        folder, slash, base = name.rpartition("/")
+        head, mark, tail = base.rpartition(PART_MARK)
+        return folder + slash + head + "_" + outputs.safe_name(suffix) + tail if mark else name
+    return dataclasses.replace(job, overlay=rename(job.overlay), heatmap=rename(job.heatmap),
+                               boxes_image=rename(job.boxes_image), raw_map=rename(job.raw_map), part=part,
+                               parts=parts, parent=job.overlay)
 
 
 def _frames(path: Path, settings: Settings) -> list[int | str]:
@@ -68,8 +92,9 @@ def _frames(path: Path, settings: Settings) -> list[int | str]:
 def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
     """The heatmaps of the run grouped by film, films in first-seen order, at most STOP_AFTER files. A CLIP-like
     model gets one per prompt (PROMPT_SOURCE), a classifier one per target (the record's, TARGETS or TARGET_NAMES)."""
-    classifier = model_kind(settings.MODEL) == "classifier"
-    key = "target" if classifier else "q_id"   # what tells two maps of one film apart
+    kind = model_kind(settings.MODEL)
+    classifier = kind in ("classifier", "detector")   # maps of a film told apart by their target, not a question
+    key = "target" if classifier else "q_id"
     records, record_errors = read_records(settings.DATA_FILE,
                                           CLASSIFIER_CSV_COLUMNS if classifier else REQUIRED_CSV_COLUMNS)
     errors.extend((str(e.line), e.image_path, f"record:{e.field}", e.reason) for e in record_errors)
@@ -89,7 +114,8 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
             if settings.STOP_AFTER is not None and len(frames_of) >= settings.STOP_AFTER:
                 continue
             frames_of[path] = _frames(path, settings)
-        asks = (targets_of(record, settings.TARGETS, settings.TARGET_NAMES) if classifier
+        asks = ([Prompt(record, settings.DETECTION_TARGET)] if kind == "detector"
+                else targets_of(record, settings.TARGETS, settings.TARGET_NAMES) if classifier
                 else prompts_of(record, settings.PROMPT_SOURCE))
         for prompt in asks:
             if not classifier and not prompt.text.strip():
@@ -97,7 +123,8 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
                 continue
             for frame in frames_of[path]:
                 number = frame if isinstance(frame, int) else None
-                name = (outputs.target_overlay_name(relative, prompt.text, number) if classifier
+                named = PART_MARK[1:] if prompt.text == "box" and kind == "detector" else prompt.text
+                name = (outputs.target_overlay_name(relative, named, number) if classifier
                         else outputs.overlay_name(relative, record.q_id, prompt.region, number))
                 if name in taken:
                     errors.append((str(record.line), record.image_path, f"record:{key}",
@@ -112,12 +139,14 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
 @dataclass(frozen=True)
 class Made:
     """How a heatmap was made, for its manifest row: the method (FALLBACK_CAM's where it stood in), what the map
-    explains and the model's score for it, the warnings, and the boxes drawn from it (None where none are made)."""
+    explains and the model's score for it, the warnings, the boxes drawn from it (None where none are made) and the
+    film's detections (None but for detectors)."""
     method: str
     target: str
     score: float
     warning: str = ""
     boxes: tuple | None = None
+    detections: tuple | None = None   # a detector's, of the film: [x0, y0, x1, y1, class, score] in film pixels
 
 
 def manifest_row(job: Job, made: Made) -> outputs.ManifestRow:
@@ -127,4 +156,5 @@ def manifest_row(job: Job, made: Made) -> outputs.ManifestRow:
         prompt=job.prompt.text, region="" if job.prompt.region is None else str(job.prompt.region),
         cam_method=made.method, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
         raw_map=job.raw_map, warning=made.warning, frame="" if job.frame is None else str(job.frame),
-        target=made.target, score=f"{made.score:.6g}", boxes=outputs.boxes_text(made.boxes))
+        target=made.target, score=f"{made.score:.6g}", boxes=outputs.boxes_text(made.boxes),
+        detections=outputs.boxes_text(made.detections))

@@ -44,16 +44,21 @@ BOX_COLOURS = np.array([[255, 64, 64], [255, 200, 0], [0, 220, 0], [0, 200, 255]
 
 def draw_boxes(film: np.ndarray, boxes) -> np.ndarray:
     """(H, W, 3) uint8 RGB: the grey film with each box (x0, y0, x1, y1, score) outlined, labelled with its rank and
-    its share of the map's mass; lines and text scale with the film, so they read the same on any size."""
+    its share of the map's mass."""
     grey = np.round(np.clip(film, 0, 1) * 255).astype(np.uint8)
-    image = cv2.merge([grey] * 3)
-    height, width = grey.shape
+    return label_boxes(cv2.merge([grey] * 3), [(*box[:4], f"{rank}: {box[4]:.2f}")
+                                               for rank, box in enumerate(boxes, start=1)])
+
+
+def label_boxes(image: np.ndarray, boxes) -> np.ndarray:
+    """`image` (H, W, 3) uint8 RGB with each box (x0, y0, x1, y1, text) outlined in turn in the next colour and
+    labelled; lines and text scale with the image, so they read the same on any size. Draws in place."""
+    height, width = image.shape[:2]
     thickness = max(1, round(min(height, width) / 300))
     font = max(0.35, min(height, width) / 700)
-    for rank, (x0, y0, x1, y1, score) in enumerate(boxes, start=1):
-        colour = tuple(int(c) for c in BOX_COLOURS[(rank - 1) % len(BOX_COLOURS)])
+    for number, (x0, y0, x1, y1, label) in enumerate(boxes):
+        colour = tuple(int(c) for c in BOX_COLOURS[number % len(BOX_COLOURS)])
         cv2.rectangle(image, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), colour, thickness)
-        label = f"{rank}: {score:.2f}"
         (text_width, text_height), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, thickness)
         top = int(y0) - text_height - base if int(y0) >= text_height + base else int(y0) + thickness
         cv2.rectangle(image, (int(x0), top), (int(x0) + text_width, top + text_height + base), colour, cv2.FILLED)

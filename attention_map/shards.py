@@ -4,8 +4,8 @@ Under OUTPUT_DIR/shards/, for shard i of n (`0003-of-0008`):
   progress-<i>-of-<n>.jsonl  one line per finished heatmap, appended once its PNGs are in place
   manifest-<i>-of-<n>.csv    the shard's manifest rows and their place in the input order, written when it ends
   errors-<i>-of-<n>.csv      the shard's failed items, written when it ends
-`merge` joins the n shard manifests into vqa_manifest.csv (input order), boxes.jsonl (where boxes are made) and
-errors.csv, and the frames' overlays of each clip into an overlay clip (attention_map.clips). Shards never write the
+`merge` joins the n shard manifests into vqa_manifest.csv (input order), boxes.jsonl (where boxes are made),
+detections.jsonl (where a detector made the maps) and errors.csv, and the frames' overlays of each clip into an overlay clip (attention_map.clips). Shards never write the
 same file, so array tasks can share one OUTPUT_DIR.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from . import outputs
 from .clips import write_clips
 from .config import ConfigError, Settings
+from .plan import part_job
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +115,37 @@ class Progress:
         self.entries: dict[str, dict] = {}
         self.other_settings = 0   # finished heatmaps made with other settings (they are redone)
         self._handle = None
+        self.parts: dict[str, dict[int, dict]] = {}   # a planned job's overlay -> its parts' entries by part
         if read_existing:
             for journal in sorted((output_dir / FOLDER).glob("progress-*.jsonl")):
                 for entry in _read_journal(journal):
-                    self.entries[entry["overlay"]] = entry
+                    self._keep(entry)
 
-    def finished(self, job) -> dict | None:
-        """The progress entry of `job` (a plan.Job) when it is done with these settings and all its files are whole."""
+    def _keep(self, entry: dict) -> None:
+        self.entries[entry["overlay"]] = entry
+        if entry.get("parent"):
+            self.parts.setdefault(entry["parent"], {})[entry["part"]] = entry
+
+    def finished(self, job) -> list[tuple] | None:
+        """(job, progress entry) of each map `job` (a plan.Job) made, when all are done with these settings and all
+        their files are whole: the job itself, or where it made several maps (a detector's detections) each of
+        them, as the plan.Job of that part."""
         entry = self.entries.get(job.overlay)
-        if entry is None or entry.get("prompt") != job.prompt.text:
+        if entry is not None:
+            done = [(job, entry)]
+        else:
+            parts = self.parts.get(job.overlay, {})
+            if not parts or len(parts) != next(iter(parts.values())).get("parts"):
+                return None
+            done = [(part_job(job, number, e["parts"], e["target"]), e) for number, e in sorted(parts.items())]
+        if any(e.get("prompt") != job.prompt.text for _, e in done):
             return None
-        if entry.get("settings") != self.fingerprint:
+        if any(e.get("settings") != self.fingerprint for _, e in done):
             self.other_settings += 1
             return None
-        if not all(outputs.png_is_complete(self.output_dir / name) for name in job.files):
+        if not all(outputs.png_is_complete(self.output_dir / name) for made, _ in done for name in made.files):
             return None
-        return entry
+        return done
 
     def open(self) -> None:
         """Start appending to this shard's file, keeping its whole lines (a kill may have cut the last one)."""
@@ -143,16 +159,22 @@ class Progress:
         entry = dict(overlay=job.overlay, prompt=job.prompt.text, warning=made.warning, raw_map=job.raw_map,
                      frame=job.frame, method=made.method, target=made.target, score=made.score, boxes=made.boxes,
                      settings=self.fingerprint)
-        self.entries[job.overlay] = entry
+        if job.parent:
+            entry |= dict(parent=job.parent, part=job.part, parts=job.parts)
+        if made.detections is not None:
+            entry["detections"] = made.detections
+        self._keep(entry)
         self._handle.write(_line(entry))
         self._handle.flush()
 
     def close(self, overlays_in_order: list[str]) -> None:
-        """Rewrite this shard's file with one line per finished heatmap, in input order."""
+        """Rewrite this shard's file with one line per finished heatmap, in input order (given as the planned jobs'
+        overlays; a job's parts in their order)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-        entries = [self.entries[o] for o in overlays_in_order if o in self.entries]
+        entries = [entry for o in overlays_in_order for entry in
+                   ([self.entries[o]] if o in self.entries else [e for _, e in sorted(self.parts.get(o, {}).items())])]
         outputs.write_atomic(self.path, b"".join(_line(e) for e in entries))
 
 
@@ -172,10 +194,13 @@ def _read_journal(path: Path) -> list[dict]:
     return entries
 
 
-def write_shard(output_dir: Path, shard: Shard, rows: dict[int, outputs.ManifestRow], errors: list) -> None:
-    """The shard's manifest (with each row's place in the input order) and its errors, written when it ends."""
+def write_shard(output_dir: Path, shard: Shard, rows: dict[tuple[int, int], outputs.ManifestRow],
+                errors: list) -> None:
+    """The shard's manifest (with each row's place in the input order, `job.part`) and its errors, written when it
+    ends."""
     header = ["order"] + outputs.MANIFEST_COLUMNS
-    body = [[str(i)] + [getattr(rows[i], c) for c in outputs.MANIFEST_COLUMNS] for i in sorted(rows)]
+    body = [[f"{i}.{part}" if part else str(i)] + [getattr(rows[i, part], c) for c in outputs.MANIFEST_COLUMNS]
+            for i, part in sorted(rows)]
     outputs.write_atomic(shard.path(output_dir, "errors"), outputs.errors_bytes(errors))
     outputs.write_atomic(shard.path(output_dir, "manifest"), outputs.csv_bytes(header, body))
 
@@ -206,7 +231,7 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
     for shard in shards:
         rows.extend(outputs.read_csv(shard.path(output_dir, "manifest")))
         errors.extend(tuple(e.values()) for e in outputs.read_csv(shard.path(output_dir, "errors")))
-    rows.sort(key=lambda row: int(row["order"]))
+    rows.sort(key=lambda row: tuple(map(int, row["order"].split("."))))
     errors.sort(key=lambda e: (int(e[0]) if e[0].isdigit() else 0, e[1], e[2]))
     outputs.write_atomic(output_dir / outputs.MANIFEST,
                          outputs.csv_bytes(outputs.MANIFEST_COLUMNS,
@@ -215,11 +240,12 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
     clips = write_clips(output_dir, rows, Path(root) if root else None)
     if clips:
         log.info("wrote %d overlay clips (e.g. %s)", len(clips), clips[0])
-    boxes = [outputs.boxes_line(row) for row in rows if row.get("boxes")]
-    if boxes:
-        outputs.write_atomic(output_dir / outputs.BOXES, b"".join(boxes))
-    else:
-        (output_dir / outputs.BOXES).unlink(missing_ok=True)
+    boxes = b"".join(outputs.boxes_line(row) for row in rows if row.get("boxes"))
+    for name, text in ((outputs.BOXES, boxes), (outputs.DETECTIONS, outputs.detections_lines(rows))):
+        if text:
+            outputs.write_atomic(output_dir / name, text)
+        else:
+            (output_dir / name).unlink(missing_ok=True)
     if errors:
         outputs.write_atomic(output_dir / outputs.ERRORS, outputs.errors_bytes(errors))
     else:

@@ -11,4 +11,7 @@ python3 -m venv .venv
 # pysaliency: the published saliency metrics the tests check ours against (tests/test_saliency.py loads its metric
 # modules alone; its package needs numba and more, which the tests do not)
 .venv/bin/python -m pip install --quiet --no-deps pysaliency==0.2.22
+# ultralytics: the optional YOLO support (the `yolo` extra) that tests/test_detectors.py runs; without its own
+# dependency on opencv-python, which would install a second OpenCV over the headless one the pipeline uses
+.venv/bin/python -m pip install --quiet --no-deps ultralytics==8.4.190 ultralytics-thop==2.2.3 psutil
 echo "attention-map is installed in .venv"

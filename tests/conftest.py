@@ -14,11 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
 
-# Retrains the toy model and then the zone classifier (those named in argv[2:]) from their recipes on one CPU thread
-# and checks them, writing the figures as JSON to toy.json and zones.json in the folder argv[1]
+# Retrains the toy model, the zone classifier and the lesion detector (those named in argv[2:]) from their recipes on
+# one CPU thread and checks them, writing the figures as JSON to toy.json, zones.json and lesions.json in the folder
+# argv[1]
 _RETRAIN = """
 import json, sys, torch
 from pathlib import Path
+from attention_map.models.lesion_detector import check_lesion_detector, train_lesion_detector
 from attention_map.models.toy import check_toy_model, train_toy_model
 from attention_map.models.zones import check_zone_model, train_zone_model
 torch.set_num_threads(1)
@@ -28,8 +30,12 @@ if "toy_retrain" in sys.argv:
 if "zone_retrain" in sys.argv:
     zones = train_zone_model(work / "zones")
     (work / "zones.json").write_text(json.dumps(check_zone_model(zones, count=40, methods=["GradCAM", "HiResCAM"])))
+if "lesion_retrain" in sys.argv:
+    lesions = train_lesion_detector(work / "lesions")
+    (work / "lesions.json").write_text(json.dumps(check_lesion_detector(
+        lesions, count=40, methods=["HiResCAM", "LayerCAM"], targets=("topk", "sum"))))
 """
-RETRAINS = ("toy_retrain", "zone_retrain")
+RETRAINS = ("toy_retrain", "zone_retrain", "lesion_retrain")
 _retrain: dict = {}
 
 
@@ -77,6 +83,12 @@ def toy_retrain() -> dict:
 def zone_retrain() -> dict:
     """The figures of the zone classifier retrained from its recipe (after the toy model, in the same process)."""
     return _retrained("zones.json")
+
+
+@pytest.fixture(scope="session")
+def lesion_retrain() -> dict:
+    """The figures of the lesion detector retrained from its recipe (after the zone classifier, in the same process)."""
+    return _retrained("lesions.json")
 
 
 @pytest.fixture(scope="session")

@@ -263,8 +263,9 @@ def test_fallback_cam_stands_in_where_the_method_cannot_run_and_says_so(cxr):
     [error] = heatmaps.explain(model, grad, [film], [jobs])
     assert isinstance(error, heatmaps.StageError)
     assert error.stage == "cam" and "does not depend on TARGET_LAYER=features" in error.reason
-    [(maps, made)] = heatmaps.explain(model, grad, [film], [jobs], fallback=eigen)
-    assert made[0].method == "EigenCAM" and "FALLBACK_CAM=EigenCAM: GradCAM could not run" in made[0].warning
+    [(made_jobs, maps, made)] = heatmaps.explain(model, grad, [film], [jobs], fallback=eigen)
+    assert made_jobs == jobs and made[0].method == "EigenCAM"
+    assert "FALLBACK_CAM=EigenCAM: GradCAM could not run" in made[0].warning
     assert made[0].target == "1" and maps[0].shape == (32, 32) and maps[0].max() > 0
     with pytest.raises(CAMError):   # ScoreCAM needs no gradient either, gScoreCAM does
         CAM_METHODS["gScoreCAM"](model, topk=4).explain(model.prepare(film.pixels), ["1"])

@@ -40,16 +40,18 @@ def _row(name, question="q"):
 
 def test_shards_merge_in_input_order_and_quote_commas_quotes_and_newlines(tmp_path):
     tricky = 'Is it "big",\nreally?'
-    for index, rows in ((1, {1: _row("b.png"), 3: _row("d.png", tricky)}), (0, {0: _row("a.png"), 2: _row("c.png")})):
+    # keys: (the planned job's place, the part: a detector's second detection of film c is (2, 2))
+    for index, rows in ((1, {(1, 0): _row("b.png"), (3, 0): _row("d.png", tricky)}),
+                        (0, {(0, 0): _row("a.png"), (2, 2): _row("c2.png"), (2, 1): _row("c1.png")})):
         shards.write_shard(tmp_path, shards.Shard(index, 2), rows, [(str(index + 5), f"{index}.png", "load", "bad")])
     (tmp_path / ".vqa_manifest.csv.x1y2.am-tmp").write_text("left by a kill")
     merged = shards.merge(tmp_path, 2)
-    assert merged.heatmaps == 4 and len(merged.errors) == 2
+    assert merged.heatmaps == 5 and len(merged.errors) == 2
     with open(tmp_path / outputs.MANIFEST, newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][:3] == ["image_path", "question", "answer"] and rows[0] == outputs.MANIFEST_COLUMNS
-    assert [r[0] for r in rows[1:]] == ["a.png", "b.png", "c.png", "d.png"]
-    assert rows[4][1] == tricky and rows[4][2] == '["A", "B"]'
+    assert [r[0] for r in rows[1:]] == ["a.png", "b.png", "c1.png", "c2.png", "d.png"]
+    assert rows[5][1] == tricky and rows[5][2] == '["A", "B"]'
     with open(tmp_path / outputs.ERRORS, newline="") as handle:
         assert [e["row"] for e in csv.DictReader(handle)] == ["5", "6"]
     assert not list(tmp_path.rglob("*.am-tmp"))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..maps import CAMError, describe_flat
-from ..models.base import ModelAdapter
+from ..models.base import ModelAdapter, Targets
 from ..timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ class GridMap:
     warning: str = ""
     target: str = ""
     score: float = float("nan")
+    asked: str = ""          # the name asked for it (several maps may answer one: a detector's `box`)
+    file: str | None = None  # where it has its own file: the suffix naming it (`det0_nodule`)
+    detections: tuple = ()   # the input's detections (models.detector.Detection), where the model detects
 
 
 class BaseCAM(ABC):
@@ -46,6 +49,7 @@ class BaseCAM(ABC):
         self.masked_forwards = 0   # image forwards made on masked inputs, for the run's summary
         self.times = StageTimes()  # the run replaces it with its own, to report seconds per stage
         self._oom_reported = False
+        self._held = None          # (store, hook handle) while `hold` keeps the hook
 
     def forward_in_batches(self, count: int, make_batch) -> torch.Tensor:
         """The model's outputs for `make_batch(start, stop)` for start in 0..count by BATCH_SIZE, concatenated.
@@ -83,24 +87,43 @@ class BaseCAM(ABC):
 
     @contextlib.contextmanager
     def _capture(self):
-        """Keep the target layer's output while the block runs; the hook is always removed.
+        """Keep the target layer's output while the block runs; the hook is removed after it, unless `hold` keeps
+        it for many calls.
 
         With `batches_films` the output goes on as a copy that starts the autograd graph afresh: the gradients are
         wanted at this layer only, so nothing before it need record what a backward would use (every earlier layer's
         activations, for each input of a batch). The copy is what the model reads on, in-place changes included."""
+        if self._held is not None:
+            self._held[0].clear()
+            yield self._held[0]
+            return
         store = {}
+        handle = self.layer.register_forward_hook(self._keeper(store))
+        try:
+            yield store
+        finally:
+            handle.remove()
 
+    def _keeper(self, store: dict):
         def keep(module, args, output):
             if self.batches_films and isinstance(output, torch.Tensor):
                 output = output.detach().requires_grad_(True).clone()
             store["out"] = output
             return output
+        return keep
 
-        handle = self.layer.register_forward_hook(keep)
-        try:
-            yield store
-        finally:
-            handle.remove()
+    def hold(self) -> None:
+        """Register the hook on the target layer once, for every call until `release` (a stream of frames), instead
+        of once per call."""
+        if self._held is None:
+            store = {}
+            self._held = (store, self.layer.register_forward_hook(self._keeper(store)))
+
+    def release(self) -> None:
+        """Remove the hook that `hold` registered."""
+        if self._held is not None:
+            self._held[1].remove()
+            self._held = None
 
     def activations_and_gradients(self, pixels: torch.Tensor, names: list[str]):
         """One forward of a batch of B inputs and one backward per target, in fp32 always.
@@ -121,12 +144,13 @@ class BaseCAM(ABC):
                 raise CAMError(f"TARGET_LAYER={self.target_layer} " + ("did not run in the model's forward"
                                if output is None else f"gives a {type(output).__name__}, not a tensor"))
             gradients = self._gradients(scores, output, targets[0].labels) if self.needs_gradients else None
-        self.labels, self.scores = targets[0].labels, scores[0].detach().float().cpu().tolist()
+        self.targets, self.scores = targets[0], scores[0].detach().float().cpu().tolist()
         try:
             activations = self.model.activations_to_grid(output.detach().float())
             gradients = (torch.stack([self.model.activations_to_grid(g.float()) for g in gradients], dim=1)
                          if gradients is not None else
-                         torch.zeros(len(pixels), len(names), *activations.shape[1:], device=activations.device))
+                         torch.zeros(len(pixels), len(targets[0].labels), *activations.shape[1:],
+                                     device=activations.device))
         except ValueError as error:
             raise CAMError(f"TARGET_LAYER={self.target_layer}: {error}") from None
         return activations, gradients, targets, scores.detach()
@@ -146,10 +170,11 @@ class BaseCAM(ABC):
         return gradients
 
     def explain(self, pixels: torch.Tensor, names: list[str]) -> list[GridMap]:
-        """One map per target name (a prompt, a class) for one input given as the model input (1, C, H, W)."""
-        self.notes = [""] * len(names)   # what a method has to say about a target's map (e.g. scores it dropped)
-        self.labels, self.scores = list(names), [float("nan")] * len(names)   # set by activations_and_gradients
-        return grid_maps(self.explain_grid(pixels, names), self.notes, self.labels, self.scores)
+        """The maps of one input given as the model input (1, C, H, W): one per target name (a prompt, a class), or
+        several where the model makes several of one (a detector's `box`)."""
+        self.notes = {}   # what the method has to say about a map (e.g. scores it dropped), by the map's place
+        self.targets, self.scores = Targets(list(names), None), [float("nan")] * len(names)   # set by the pass
+        return grid_maps(self.explain_grid(pixels, names), self.notes, self.targets, self.scores, names)
 
     def explain_batch(self, pixels: torch.Tensor, names: list[str]) -> list[list[GridMap]]:
         """`explain` for each of a batch of inputs (B, C, H, W); a method that can do the batch at once does."""
@@ -175,8 +200,7 @@ class GradientCAM(BaseCAM):
     def explain_batch(self, pixels, names):
         """One forward and one backward per target for the whole batch."""
         maps, targets, scores = self._maps(pixels, names)
-        notes = [""] * len(names)
-        return [grid_maps(image_maps, notes, image_targets.labels, image_scores.float().cpu().tolist())
+        return [grid_maps(image_maps, {}, image_targets, image_scores.float().cpu().tolist(), names)
                 for image_maps, image_targets, image_scores in zip(maps, targets, scores)]
 
     def _maps(self, pixels, names):
@@ -191,14 +215,22 @@ class GradientCAM(BaseCAM):
         """The map (h, w) before the ReLU, from the activations and one target's gradients, both (C, h, w)."""
 
 
-def grid_maps(cams: list[torch.Tensor], notes: list[str], labels: list[str], scores: list[float]) -> list[GridMap]:
+def grid_maps(cams: list[torch.Tensor], notes: dict[int, str], targets: Targets, scores: list[float],
+              names: list[str]) -> list[GridMap]:
     """One input's maps as GridMaps: on the CPU, a flat map (zero or constant) zero with the reason."""
+    count = len(targets.labels)
+    asked = targets.asked or names
+    files = targets.files or [None] * count
+    model_notes = targets.notes or [""] * count
+    cold = targets.cold or [False] * count
     results = []
-    for cam, note, label, score in zip(cams, notes, labels, scores):
+    for i, (cam, label, score) in enumerate(zip(cams, targets.labels, scores)):
         cam = cam.detach().float().cpu().numpy()
-        flat = describe_flat(cam)
-        results.append(GridMap(np.zeros_like(cam) if flat else cam, "; ".join(w for w in (note, flat) if w),
-                               label, score))
+        cam = np.zeros_like(cam) if cold[i] else cam
+        flat = "" if cold[i] else describe_flat(cam)   # a cold map's note says why already
+        warning = "; ".join(w for w in (model_notes[i], notes.get(i, ""), flat) if w)
+        results.append(GridMap(np.zeros_like(cam) if flat else cam, warning, label, score, asked[i], files[i],
+                               targets.detections))
     return results
 
 

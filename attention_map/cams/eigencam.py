@@ -17,5 +17,7 @@ class EigenCAM(GradientCAM):
         channels, height, width = activations.shape
         tokens = activations.reshape(channels, -1).T.cpu().numpy()       # (h * w, C)
         tokens = tokens - tokens.mean(axis=0)
-        component = np.linalg.svd(tokens, full_matrices=True)[2][0]      # numpy's SVD: the reference's sign
+        # numpy's SVD, as the reference, for its sign; without the full U (h*w x h*w: 6400 x 6400 on a detector's
+        # 80 x 80 grid), which the first right singular vector does not need
+        component = np.linalg.svd(tokens, full_matrices=False)[2][0]
         return torch.from_numpy(tokens @ component).reshape(height, width).to(activations.device)

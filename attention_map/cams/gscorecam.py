@@ -54,7 +54,7 @@ class GScoreCAM(BaseCAM):
             finite = torch.isfinite(all_scores)
             all_scores = torch.where(finite, all_scores, torch.zeros_like(all_scores))
             cams = []
-            for q in range(len(names)):
+            for q in range(len(targets.labels)):
                 rows = torch.searchsorted(union, kept[q])
                 scores = torch.zeros(channels, device=activations.device)
                 scores[kept[q]] = all_scores[rows, q]

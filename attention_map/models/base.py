@@ -2,8 +2,10 @@
 and the search for the layer to explain by one dry forward."""
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,9 +25,19 @@ class TargetError(ValueError):
 @dataclass
 class Targets:
     """What the maps of one input explain: one label per map (the manifest's `target`) and the function that scores
-    them from the model's outputs for a batch of inputs (the clean input, or its masked copies)."""
+    them from the model's outputs for a batch of inputs (the clean input, or its masked copies).
+
+    One asked name gives one map, except where a model makes several of it (a detector's `box`: one per detection);
+    then `asked` says which name each map answers and `files` the suffix that names its own file. `notes` say what a
+    map's reader should know (no detection); `cold` marks maps with nothing to explain, all zero whatever the method
+    (EigenCAM, say, ignores the target); `detections` are the input's, where the model detects."""
     labels: list[str]
     score: Callable[[torch.Tensor], torch.Tensor]   # outputs (B, ...) -> (B, len(labels))
+    asked: list[str] | None = None                  # None: the names asked, one map each
+    files: list[str | None] | None = None           # None each: the map is the asked name's own file
+    notes: list[str] | None = None
+    cold: list[bool] | None = None
+    detections: tuple = ()
 
 
 class ModelAdapter(ABC):
@@ -37,6 +49,7 @@ class ModelAdapter(ABC):
     image_size: tuple[int, int]   # (height, width) of the model input
     mean: tuple[float, ...]       # per input channel: 3 (grey copied to RGB) or 1 (grey)
     std: tuple[float, ...]
+    detects = False               # True: the maps come with the input's detections (Targets.detections)
 
     @abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -181,3 +194,45 @@ def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int] | None) -> torch.
         raise ValueError(f"{count} tokens cannot hold a {h}x{w} patch grid")
     patches = tokens[:, prefix:, :]
     return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def read_model_folder(spec: str, libraries, config_name: str, weights: Path | None) -> tuple[str, dict, Path | None]:
+    """MODEL -> (the library's model name, the folder's config or {}, the weights file): a library name
+    (`timm:resnet50`) is as it is; a folder's `config_name` names the library's model and, unless MODEL_WEIGHTS does,
+    the weights."""
+    if spec.startswith(tuple(libraries)):
+        return spec, {}, weights
+    folder = Path(spec.removeprefix("local-dir:")).expanduser()
+    config = json.loads((folder / config_name).read_text())
+    if weights is None and config.get("weights"):
+        weights = folder / config["weights"]
+    return config["model"], config, weights
+
+
+def build_by_prefix(libraries: dict, model_spec: str, spec: str, weights: Path | None, kwargs: dict):
+    """What the library that `model_spec` starts with builds of the rest of it; one line naming MODEL otherwise."""
+    prefix = next((p for p in libraries if model_spec.startswith(p)), None)
+    if prefix is None:
+        raise ModelLoadError(f"MODEL={spec}: \"model\" must start with {', '.join(libraries)}")
+    return libraries[prefix](model_spec[len(prefix):], spec, weights, kwargs)
+
+
+def save_weights(module: torch.nn.Module, path: Path, made_by: str, half: bool = False) -> None:
+    """`module`'s state_dict as safetensors at `path`, floating tensors in fp16 where `half` (the pipeline computes
+    in fp32 or the PRECISION asked, whatever the file holds), with one metadata key: safetensors writes metadata in
+    hash order, and the same weights must give the same bytes."""
+    from safetensors.torch import save_file
+
+    state = {name: (tensor.detach().to(torch.float16) if half and tensor.is_floating_point() else tensor.detach())
+             .contiguous().clone() for name, tensor in module.state_dict().items()}
+    save_file(state, str(path), metadata={"made_by": made_by})
+
+
+def write_model_folder(folder: Path, module: torch.nn.Module, config: dict, config_name: str, made_by: str) -> Path:
+    """A trained model as a folder the pipeline loads: `config` as `config_name` and the fp16 weights in the file
+    it names; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(module, folder / config["weights"], made_by, half=True)
+    (folder / config_name).write_text(json.dumps(config, indent=2) + "\n")
+    return folder

@@ -13,13 +13,12 @@ torchvision weights' transforms, torchxrayvision's one grey channel in [-1024, 1
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..config import CLASSIFIER_CONFIG
-from .base import ModelAdapter, ModelLoadError, Targets, TargetError
+from .base import ModelAdapter, ModelLoadError, Targets, TargetError, build_by_prefix, read_model_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 XRV_MEAN, XRV_STD = (0.5,), (1 / 2048,)   # [0, 1] -> [-1024, 1024], one channel
@@ -126,8 +125,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_weights(module: torch.nn.Module, path: Path, spec: str) -> None:
     """Load `path` into `module`; a classification head of another size is rebuilt to fit the weights first."""
     state = read_state_dict(path)
-    head_name, head = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-    weight = state.get(f"{head_name}.weight")
+    head_name, head = ([(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+                       or [("", None)])[-1]
+    weight = state.get(f"{head_name}.weight") if head is not None else None
     if weight is not None and weight.shape != head.weight.shape:
         parent, _, attribute = head_name.rpartition(".")
         setattr(module.get_submodule(parent), attribute,
@@ -208,22 +208,12 @@ LIBRARIES = {"timm:": _timm, "torchvision:": _torchvision, "xrv:": _xrv}
 def build(model_spec: str, spec: str, weights: Path | None, kwargs: dict):
     """(module, input size, mean, std, output names) of `model_spec` ('timm:<name>', ...); with `weights` None the
     library's own weights are loaded, else the module is built empty for them."""
-    prefix = next((p for p in LIBRARIES if model_spec.startswith(p)), None)
-    if prefix is None:
-        raise ModelLoadError(f"MODEL={spec}: \"model\" must start with {', '.join(LIBRARIES)}")
-    return LIBRARIES[prefix](model_spec[len(prefix):], spec, weights, kwargs)
+    return build_by_prefix(LIBRARIES, model_spec, spec, weights, kwargs)
 
 
 def load(spec: str, device: torch.device, weights: Path | None = None, target_names=()) -> Classifier:
     """The classifier MODEL names, in eval mode with gradients of its parameters off (maps need only the input's)."""
-    folder_config: dict = {}
-    model_spec = spec
-    if not spec.startswith(tuple(LIBRARIES)):
-        folder = Path(spec.removeprefix("local-dir:")).expanduser()
-        folder_config = json.loads((folder / CLASSIFIER_CONFIG).read_text())
-        model_spec = folder_config["model"]
-        if weights is None and folder_config.get("weights"):
-            weights = folder / folder_config["weights"]
+    model_spec, folder_config, weights = read_model_folder(spec, LIBRARIES, CLASSIFIER_CONFIG, weights)
     module, size, mean, std, names = build(model_spec, spec, weights, folder_config.get("model_kwargs", {}))
     if weights is not None:
         load_weights(module, Path(weights), spec)

@@ -4,7 +4,7 @@
 context 256) with a generated WordPiece vocabulary; `tiny` is a small open_clip ViT and `tiny-resnet` a small
 open_clip ModifiedResNet (a CNN, 4 x 4 grid at layer4), both with open_clip's own text transformer and tokenizer, for
 fast tests; the classifiers (CLASSIFIER_ARCHS) are one per library (timm, torchvision, torchxrayvision) and a six-zone
-score model. The same seed writes the same bytes.
+score model; the detectors (DETECTOR_ARCHS) one per torchvision family and the project's tiny FCOS. The same seed writes the same bytes.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import CLASSIFIER_CONFIG
+from ..config import CLASSIFIER_CONFIG, DETECTOR_CONFIG
 from ..synthetic import CHEST_ZONES
+from .base import save_weights
 
 BIOMEDCLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BIOMEDCLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,6 +62,18 @@ CLASSIFIER_ARCHS = {
                     "target_names": list(CHEST_ZONES)},
 }
 
+# Detector folders (detector_config.json, see models/detector.py): torchvision's detector families, and this project's
+# tiny FCOS with the synthetic films' three lesions.
+DETECTOR_ARCHS = {
+    "fcos": {"model": "torchvision-det:fcos_resnet50_fpn", "model_kwargs": {"num_classes": 91}},
+    "retinanet": {"model": "torchvision-det:retinanet_resnet50_fpn", "model_kwargs": {"num_classes": 91}},
+    "fasterrcnn": {"model": "torchvision-det:fasterrcnn_mobilenet_v3_large_fpn", "model_kwargs": {"num_classes": 91}},
+    "ssdlite": {"model": "torchvision-det:ssdlite320_mobilenet_v3_large", "model_kwargs": {"num_classes": 91}},
+    "tiny-fcos": {"model": "torchvision-det:tiny_fcos", "model_kwargs": {"num_classes": 3},
+                  "target_names": ["nodule", "opacity", "effusion"]},
+    "yolo": {"model": "yolo:yolov8n.yaml", "model_kwargs": {"nc": 3}, "target_names": ["nodule", "opacity", "effusion"]},
+}
+
 # BiomedBERT's text config (BERT-base, uncased).
 BERT_CONFIG = {
     "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": BERT_VOCAB_SIZE, "hidden_size": 768,
@@ -98,25 +111,23 @@ def _write_text_tower(folder: Path) -> None:
          "mask_token": "[MASK]"}, indent=2) + "\n")
 
 
-def _save(module: torch.nn.Module, path: Path, arch: str, seed: int) -> None:
-    from safetensors.torch import save_file
-
-    state = {name: tensor.detach().contiguous().clone() for name, tensor in module.state_dict().items()}
-    save_file(state, str(path),
-              # one key: safetensors writes metadata in hash order, and the same seed must give the same bytes
-              metadata={"made_by": f"attention-map make-test-model --arch {arch} --seed {seed}"})
+def _made_by(arch: str, seed: int) -> str:
+    return f"attention-map make-test-model --arch {arch} --seed {seed}"
 
 
 def _make_classifier(folder: Path, arch: str, seed: int) -> Path:
-    """A classifier folder: its config and random weights (`model.safetensors`, also usable as MODEL_WEIGHTS)."""
-    from .classifier import build
+    """A classifier or detector folder: its config and random weights (`model.safetensors`, also usable as
+    MODEL_WEIGHTS)."""
+    from . import classifier, detector
 
-    config = dict(CLASSIFIER_ARCHS[arch], weights="model.safetensors")
+    detects = arch in DETECTOR_ARCHS
+    config = dict((DETECTOR_ARCHS if detects else CLASSIFIER_ARCHS)[arch], weights="model.safetensors")
     torch.manual_seed(seed)
     # built empty (weights given), as for loading a weights file: the random init is the model
+    build = detector.build if detects else classifier.build
     module = build(config["model"], config["model"], folder / config["weights"], config.get("model_kwargs", {}))[0]
-    _save(module, folder / config["weights"], arch, seed)
-    (folder / CLASSIFIER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_weights(module, folder / config["weights"], _made_by(arch, seed))
+    (folder / (DETECTOR_CONFIG if detects else CLASSIFIER_CONFIG)).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 
@@ -126,12 +137,13 @@ def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
 
     from .open_clip_model import go_offline
 
-    if arch not in ARCHS and arch not in CLASSIFIER_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join([*ARCHS, *CLASSIFIER_ARCHS])}")
+    if arch not in ARCHS and arch not in CLASSIFIER_ARCHS and arch not in DETECTOR_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of "
+                         f"{', '.join([*ARCHS, *CLASSIFIER_ARCHS, *DETECTOR_ARCHS])}")
     go_offline()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if arch in CLASSIFIER_ARCHS:
+    if arch in CLASSIFIER_ARCHS or arch in DETECTOR_ARCHS:
         return _make_classifier(folder, arch, seed)
     config = json.loads(json.dumps(ARCHS[arch]))
     if arch == "biomedclip":
@@ -146,5 +158,5 @@ def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model_class = open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP
     model = model_class(**model_cfg)
-    _save(model, folder / "open_clip_model.safetensors", arch, seed)
+    save_weights(model, folder / "open_clip_model.safetensors", _made_by(arch, seed))
     return folder

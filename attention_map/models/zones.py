@@ -8,7 +8,6 @@ The recipe: timm's ResNet-10t with channels 16-32-64-128 and output stride 16 (a
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from ..config import CLASSIFIER_CONFIG
 from ..synthetic import CHEST_ZONES, make_zone_film, zone_box
+from .base import write_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ def _batch(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train_zone_model(folder: Path, steps: int = STEPS, seed: int = SEED) -> Path:
     """Train the recipe into `folder` (a classifier folder: config and fp16 weights); return the folder."""
     import timm
-    from safetensors.torch import save_file
-
     from .classifier import Classifier
 
     torch.manual_seed(seed)
@@ -65,14 +63,7 @@ def train_zone_model(folder: Path, steps: int = STEPS, seed: int = SEED) -> Path
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             log.info("step %d/%d: loss %.4f (%.0f s)", step + 1, steps, loss.item(), time.perf_counter() - started)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in net.state_dict().items()}
-    save_file(state, str(folder / CONFIG["weights"]),
-              metadata={"made_by": f"attention-map train-zone-model --steps {steps} --seed {seed}"})
-    (folder / CLASSIFIER_CONFIG).write_text(json.dumps(CONFIG, indent=2) + "\n")
-    return folder
+    return write_model_folder(folder, net, CONFIG, CLASSIFIER_CONFIG, f"attention-map train-zone-model --steps {steps} --seed {seed}")
 
 
 def check_zone_model(folder: Path, count: int = 200, methods=None, first_seed: int = HELD_OUT) -> dict:
