@@ -177,8 +177,11 @@ def test_explainer_keeps_one_hook_across_frames_and_leaves_the_model_as_it_was(l
 
 
 def test_yolo_models_of_the_optional_package_are_read_the_same_way(tmp_path):
+    from PIL import Image
+
     folder = make_test_model(tmp_path / "yolo", "yolo")
     model = load_model(str(folder), CPU, score_threshold=0.0)
+    assert Image.open.__module__ == "PIL.Image"   # ultralytics' own replacement undone: films' errors stay Pillow's
     assert model.head_inputs() == ["model[15]", "model[18]", "model[21]"]   # the Detect head's inputs, finest first
     assert model.class_names == ("nodule", "opacity", "effusion")
     pixels = model.prepare(np.random.default_rng(0).random((300, 200), dtype=np.float32))

@@ -311,16 +311,23 @@ def _torchvision_detector(name: str, spec: str, weights: Path | None, kwargs: di
 # -- ultralytics YOLO (optional) -------------------------------------------------------------------------------
 
 def _yolo(name: str, spec: str, weights: Path | None, kwargs: dict):
+    from PIL import Image
+
+    pillow_open = Image.open
     try:
+        from ultralytics import YOLO
         from ultralytics.nn.tasks import DetectionModel
     except ImportError:
         raise ModelLoadError(f"MODEL={spec}: YOLO models need the optional ultralytics package: "
                              f"pip install 'attention-map[yolo]'") from None
+    finally:
+        # ultralytics replaces PIL.Image.open when imported, with one that for a file Pillow cannot read imports
+        # pi_heif and fails with ImportError: the films' one-line errors need Pillow's own
+        Image.open = pillow_open
     size = (int(kwargs.pop("imgsz", 640)),) * 2
     if name.endswith((".yaml", ".yml")):
         module = DetectionModel(name, verbose=False, **kwargs)
     else:
-        from ultralytics import YOLO
         try:
             module = YOLO(name).model
         except Exception as error:
