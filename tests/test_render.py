@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from attention_map.render import colormap_lut, overlay, raw_map_16bit
+from attention_map.render import BOX_COLOURS, colormap_lut, label_boxes, overlay, raw_map_16bit
 
 
 @pytest.mark.parametrize("name", ["jet", "turbo", "inferno", "hot", "custom_purple_red"])
@@ -49,3 +49,12 @@ def test_overlay_is_the_blend_formula_within_one_level():
         expected = np.round((1 - alpha) * 255 * film.astype(np.float64)[..., None] + alpha * heat)
         difference = np.abs(overlay(film, cam, name, alpha).astype(np.float64) - expected)
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, name
+
+
+def test_label_boxes_outlines_each_box_in_turn_and_leaves_the_rest_of_the_image():
+    image = np.full((300, 400, 3), 7, np.uint8)
+    drawn = label_boxes(image.copy(), [(50, 100, 150, 200, "nodule 0.91"), (250.4, 120, 390, 290, "effusion 0.60")])
+    assert tuple(drawn[150, 50]) == tuple(BOX_COLOURS[0]) and tuple(drawn[200 - 1, 100]) == tuple(BOX_COLOURS[0])
+    assert tuple(drawn[200, 250]) == tuple(BOX_COLOURS[1]) and tuple(drawn[290 - 1, 300]) == tuple(BOX_COLOURS[1])
+    assert (drawn[150, 100] == 7).all() and (drawn[5, 5] == 7).all()      # inside a box and far from both
+    assert (drawn[90:100, 50:100] != 7).any()                              # the label above the first box
