@@ -1,10 +1,12 @@
 """A self-contained `index.html` gallery of a run: film, overlay and raw map side by side per heatmap, with the
-question, answer and prompt, and the evaluation's figures when `evaluate` has run (against boxes, and against the
-clinicians' attention). Images are embedded as data URIs, so the file opens from disk without a server. Every text
-that comes from the data is HTML-escaped."""
+question, answer, prompt and what the map explains (a target other than the prompt, a detector's detections), and
+the evaluation's figures when `evaluate` has run (against boxes, and against the clinicians' attention). Images are
+embedded as data URIs, so the file opens from disk without a server. Every text that comes from the data is
+HTML-escaped."""
 from __future__ import annotations
 
 import base64
+import json
 from html import escape
 from pathlib import Path
 
@@ -124,6 +126,13 @@ def write_report(output_dir: Path) -> Path:
         warning = f'<div class="text"><span class="label">warning:</span> {escape(row["warning"])}</div>' \
             if row.get("warning") else ""
         raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
+        explained = ([f'{row["target"]} (score {row["score"]})'] if row.get("target", row["prompt"]) != row["prompt"]
+                     else [])
+        if row.get("detections"):   # a detector's, on the film
+            explained.append("detections: " + (", ".join(f"{d[4]} {d[5]:.2f}" for d in json.loads(row["detections"]))
+                                               or "none"))
+        explained = (f'<div class="text"><span class="label">explains:</span> {escape("; ".join(explained))}</div>'
+                     if explained else "")
         cards.append(
             f'<div class="card {kind}"{data}>'
             f'<div class="images">{_img(films[film], "film")}'
@@ -131,7 +140,7 @@ def write_report(output_dir: Path) -> Path:
             f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
             f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'
             f'<div class="text"><span class="label">prompt:</span> {escape(row["prompt"])} '
-            f'<span class="label">({escape(row["image_path"])})</span></div>{warning}{metrics}</div>')
+            f'<span class="label">({escape(row["image_path"])})</span></div>{explained}{warning}{metrics}</div>')
 
     summary = ""
     if (output_dir / "evaluation.md").is_file() and any(s.get("hit") for s in scores.values()):

@@ -214,6 +214,10 @@ def test_box_target_writes_a_map_per_detection_its_rows_and_detections_jsonl_and
         inside = np.zeros(raw.shape, bool)
         inside[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
         assert raw[~inside].max() == 0                      # renormalised in its own detection's box
+    assert cli("report", out).returncode == 0
+    first_row = rows[0]
+    assert (f"explains:</span> {first_row['target']} (score {first_row['score']}); detections: "
+            in (out / "index.html").read_text())
     manifest = (out / "vqa_manifest.csv").read_bytes()
     again = cli(*args)
     assert again.returncode == 0 and f"{len(rows)} already done" in again.stderr + again.stdout
