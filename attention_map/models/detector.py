@@ -91,25 +91,25 @@ class Detector(ModelAdapter):
 
     def targets(self, names, outputs):
         detections = self.detect(outputs[0].detach())
-        labels, asked, files, notes, scorers = [], [], [], [], []
+        picks = []   # (label, the name it answers, its file's suffix, note, score function or None for a cold map)
         for name in names:
             if name not in DETECTION_TARGETS:
                 raise TargetError(self.check_target(name))
             if not detections:   # nothing to explain: a cold map, and why
-                labels.append("no detection"), asked.append(name), files.append(None), scorers.append(None)
-                notes.append(f"no detection above SCORE_THRESHOLD={self.score_threshold:g}")
+                picks.append(("no detection", name, None,
+                              f"no detection above SCORE_THRESHOLD={self.score_threshold:g}", None))
             elif name == "box":
-                for j, detection in enumerate(detections):
-                    labels.append(f"det{j}_{detection.name}"), asked.append(name)
-                    files.append(f"det{j}_{detection.name}"), notes.append("")
-                    scorers.append(lambda batch, d=detection: _detection_score(batch, d, self.image_size))
-            else:
+                picks += [(f"det{j}_{d.name}", name, f"det{j}_{d.name}", "",
+                           lambda batch, d=d: _detection_score(batch, d, self.image_size))
+                          for j, d in enumerate(detections)]
+            elif name == "topk":
                 k = self.topk(outputs)
-                labels.append(f"top{k}" if name == "topk" else "sum"), asked.append(name), files.append(None)
-                notes.append("" if name == "topk" else "DETECTION_TARGET=sum: every output of the head, which gives "
-                                                       "diffuse maps; topk is the default")
-                scorers.append((lambda batch, k=k: batch[:, :, 4:].flatten(1).topk(k, dim=1).values.sum(1))
-                               if name == "topk" else (lambda batch: batch[:, :, 4:].flatten(1).sum(1)))
+                picks.append((f"top{k}", name, None, "",
+                              lambda batch, k=k: batch[:, :, 4:].flatten(1).topk(k, dim=1).values.sum(1)))
+            else:
+                picks.append(("sum", name, None, "DETECTION_TARGET=sum: every output of the head, which gives "
+                              "diffuse maps; topk is the default", lambda batch: batch[:, :, 4:].flatten(1).sum(1)))
+        labels, asked, files, notes, scorers = (list(column) for column in zip(*picks))
 
         def score(batch: torch.Tensor) -> torch.Tensor:
             zero = batch.flatten(1)[:, :1].sum(1) * 0 + 0.0   # keeps the graph: a cold map, not a missing gradient
