@@ -72,6 +72,20 @@ def _inputs(adapter: ModelAdapter, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([adapter.prepare(film) for film in images.cpu().numpy()])
 
 
+def _method(method: str):
+    """The CAM method named, in any case; ValueError naming the ones there are."""
+    if method.lower() not in _METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(CAM_METHODS)}")
+    return CAM_METHODS[_METHODS[method.lower()]]
+
+
+def _names(targets) -> list[str]:
+    """Targets as the methods take them: None (the predicted class), one, or a list."""
+    if targets is None:
+        return [""]
+    return [str(t) for t in targets] if isinstance(targets, (list, tuple)) else [str(targets)]
+
+
 def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "auto", batch_size: int = 16,
             channels: int = 3, mean=None, std=None, output_names=()) -> np.ndarray:
     """Maps (N, T, H, W) in [0, 1] at the images' size: for each image, one per target.
@@ -85,17 +99,14 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
         names are those of `output_names` (a bare module) or of the adapter.
     method: any CAM_VERSION name, any case. Gradient methods explain `batch_size` images per forward and backward.
     """
-    if method.lower() not in _METHODS:
-        raise ValueError(f"method={method!r} is not one of {', '.join(CAM_METHODS)}")
-    names = ([""] if targets is None else [str(t) for t in targets] if isinstance(targets, (list, tuple))
-             else [str(targets)])
+    method_class, names = _method(method), _names(targets)
     module = model.module if isinstance(model, ModelAdapter) else model
     images = _as_tensor(images)
     size = tuple(images.shape[-2:])                    # of the input, and of the maps
     with evaluating(module):
         adapter = as_adapter(model, size, channels, mean, std, output_names)
         inputs = _inputs(adapter, images)
-        cam = CAM_METHODS[_METHODS[method.lower()]](adapter, layer, batch_size)
+        cam = method_class(adapter, layer, batch_size)
         maps = []
         for start in range(0, len(inputs), batch_size):
             for image_maps in cam.explain_batch(inputs[start:start + batch_size], names):
@@ -119,12 +130,9 @@ class Explainer:
 
     def __init__(self, model, method: str = "HiResCAM", targets=None, layer: str = "auto", image_size=None,
                  channels: int = 3, mean=None, std=None, output_names=()):
-        from .cams.layers import LayerAverage
+        from .cams.layers import on_layers
 
-        if method.lower() not in _METHODS:
-            raise ValueError(f"method={method!r} is not one of {', '.join(CAM_METHODS)}")
-        self.names = ([""] if targets is None else [str(t) for t in targets] if isinstance(targets, (list, tuple))
-                      else [str(targets)])
+        method_class, self.names = _method(method), _names(targets)
         module = model.module if isinstance(model, ModelAdapter) else model
         if not isinstance(model, ModelAdapter) and image_size is None:
             raise ValueError("a bare nn.Module needs image_size=(height, width) of its input")
@@ -132,9 +140,7 @@ class Explainer:
         self._evaluating.__enter__()
         try:
             self.adapter = as_adapter(model, image_size, channels, mean, std, output_names)
-            methods = [CAM_METHODS[_METHODS[method.lower()]](self.adapter, name.strip())
-                       for name in layer.split(",")]
-            self.cam = methods[0] if len(methods) == 1 else LayerAverage(methods)
+            self.cam = on_layers(method_class, self.adapter, layer)
             self.cam.hold()
         except BaseException:
             self._evaluating.__exit__(None, None, None)

@@ -51,14 +51,15 @@ def explain(model, cam, films: list[Film], jobs: list[list[Job]], fallback=None)
     results = []
     for film, film_jobs, grid_maps in zip(films, jobs, batch_maps):
         height, width = film.pixels.shape
+        # the film's detections, the same on each of its maps: in film pixels once
+        detections = (tuple(tuple(d.in_pixels(width, height)) for d in grid_maps[0].detections)
+                      if model.detects and grid_maps else None)
         made_jobs, cams, made = [], [], []
         for job in film_jobs:
             answers = [grid_map for grid_map in grid_maps if grid_map.asked == job.prompt.text]
             for part, grid_map in enumerate(answers, start=1):
                 made_jobs.append(job if grid_map.file is None else part_job(job, part, len(answers), grid_map.file))
                 cams.append(grid_map.cam)
-                detections = (tuple(tuple(d.in_pixels(width, height)) for d in grid_map.detections)
-                              if model.detects else None)
                 made.append(Made(method, grid_map.target, grid_map.score, "; ".join(
                     w for w in (film.warning, why, grid_map.warning, model.note(job.prompt.text)) if w),
                     detections=detections))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import outputs, shards
 from .cams import CAM_METHODS
-from .cams.layers import LayerAverage
+from .cams.layers import on_layers
 from .config import ConfigError, Settings, model_kind
 from . import heatmaps
 from .heatmaps import StageError
@@ -102,10 +102,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def make_cam(name: str, model, settings: Settings, device: torch.device):
     """The CAM method `name` on `model` with the run's layer (several, comma-separated: averaged), batch size,
     precision and TOPK."""
-    methods = [CAM_METHODS[name](model, layer.strip(), resolve_batch_size(settings.BATCH_SIZE, device),
-                                 resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
-               for layer in settings.TARGET_LAYER.split(",")]
-    return methods[0] if len(methods) == 1 else LayerAverage(methods)
+    return on_layers(CAM_METHODS[name], model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
+                     resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
 
 
 def check_targets(model, targets: tuple[str, ...]) -> None:

@@ -62,3 +62,9 @@ def average(maps: list[GridMap]) -> GridMap:
     cams = [scale_to_unit(cv2.resize(m.cam, (width, height), interpolation=cv2.INTER_LINEAR)) for m in maps]
     warnings = "; ".join(dict.fromkeys(m.warning for m in maps if m.warning))
     return dataclasses.replace(maps[0], cam=np.mean(cams, axis=0).astype(np.float32), warning=warnings)
+
+
+def on_layers(method: type[BaseCAM], model, layers: str, *args, **kwargs):
+    """`method` on the layer TARGET_LAYER names, or averaged over several comma-separated ones."""
+    methods = [method(model, layer.strip(), *args, **kwargs) for layer in layers.split(",")]
+    return methods[0] if len(methods) == 1 else LayerAverage(methods)
