@@ -1,4 +1,4 @@
-"""Command line: run | merge | evaluate | report | fetch-model | make-test-model | train-toy-model |
+"""Command line: run | merge | evaluate | robustness | report | fetch-model | make-test-model | train-toy-model |
 train-zone-model | train-lesion-detector | make-demo-data | default-conf.
 
 Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
@@ -46,18 +46,29 @@ def _parser() -> argparse.ArgumentParser:
                           "the film's larger side)")
     evaluate.add_argument("--baseline", help="for the information gain: centre (a centre-bias Gaussian) or a PNG map")
 
+    robust = commands.add_parser("robustness", help="a VLM's paraphrase robustness: per study, answer accuracy and "
+                                 "consistency and the agreement of the variants' maps, with cluster-bootstrap "
+                                 "intervals; paired with another run by --compare")
+    robust.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="a finished run (SAVE_RAW_CAM=true) on "
+                        "records with study_id,image_path,finding,variant_id,question,answer_gt")
+    robust.add_argument("--compare", type=Path, metavar="OTHER_OUTPUT_DIR", help="another run (another model) on the "
+                        "same records: paired differences by study")
+    robust.add_argument("--top-percent", type=float, default=15.0, help="top-p%% of a map for the IoU (15)")
+
     report = commands.add_parser("report", help="write OUTPUT_DIR/index.html, a gallery of the run's heatmaps")
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
-    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub id (default {DEFAULT_MODEL})")
+    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub:<id> of a CLIP-like model (default {DEFAULT_MODEL}) or hf:<id> of a "
+                       "generative VLM")
     fetch.add_argument("folder", type=Path)
 
     make = commands.add_parser("make-test-model", help="write a model folder with random weights, offline")
     make.add_argument("folder", type=Path)
     make.add_argument("--arch", default="tiny", help="CLIP-like: biomedclip, tiny, tiny-resnet; classifiers: "
                       "timm-resnet, timm-vit, torchvision-densenet, xrv-densenet, zone-resnet (six zones x 4 classes); "
-                      "detectors: fcos, retinanet, fasterrcnn, ssdlite, tiny-fcos, yolo (needs ultralytics)")
+                      "detectors: fcos, retinanet, fasterrcnn, ssdlite, tiny-fcos, yolo (needs ultralytics); generative VLMs: "
+                      "llava, gemma3")
     make.add_argument("--seed", type=int, default=0)
 
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "
@@ -194,6 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         except EvaluationError as error:
             print(f"attention-map: {error}", file=sys.stderr)
             return EXIT_CONFIG
+        return 0
+    if args.command == "robustness":
+        from .evaluate import EvaluationError
+        from .robustness import markdown, robustness
+
+        try:
+            summary = robustness(args.output_dir, args.compare, args.top_percent)
+        except (EvaluationError, FileNotFoundError) as error:
+            print(f"attention-map: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(markdown(summary) + f"\nWritten: robustness.csv, robustness.json, robustness.md in {args.output_dir}")
         return 0
     if args.command == "merge":
         from .pipeline import EXIT_ITEMS_FAILED

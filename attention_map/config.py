@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from pathlib import Path
 DEFAULT_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 COLORMAPS = ("jet", "turbo", "inferno", "hot", "custom_purple_red")
 # the names of attention_map.cams.CAM_METHODS (not imported: reading a config must not import torch)
-CAM_VERSIONS = ("gScoreCAM", "ScoreCAM", "GradCAM", "GradCAM++", "XGradCAM", "HiResCAM", "LayerCAM", "EigenCAM")
+CAM_VERSIONS = ("gScoreCAM", "ScoreCAM", "GradCAM", "GradCAM++", "XGradCAM", "HiResCAM", "LayerCAM", "EigenCAM",
+                "attention")
 RENAMED_KEYS = {"CAM_METHOD": "CAM_VERSION"}
 # the names of attention_map.body_mask.BODY_MASKS, and none
 BODY_MASKS = ("air", "otsu", "none")
@@ -24,16 +26,22 @@ CLASSIFIER_PREFIXES = ("timm:", "torchvision:", "xrv:")
 CLASSIFIER_CONFIG = "classifier_config.json"   # a local classifier folder (see attention_map.models.classifier)
 DETECTOR_PREFIXES = ("torchvision-det:", "yolo:")
 DETECTOR_CONFIG = "detector_config.json"       # a local detector folder (see attention_map.models.detector)
+VLM_PREFIX = "hf:"                             # a transformers VLM on the hub (see attention_map.models.vlm)
+VLM_CONFIG = "config.json"                     # a local transformers VLM folder, as the hub has it
 
 
 def model_kind(model: str) -> str:
-    """'classifier' (a map explains an output of the model), 'detector' (its detections) or 'vision-text' (a map
+    """'classifier' (a map explains an output of the model), 'detector' (its detections), 'vlm' (a generative
+    vision-language model: a map is its attention while it reads a question) or 'vision-text' (CLIP-like: a map
     explains a prompt), from MODEL alone, before anything is loaded: the records a run reads depend on it."""
     folder = Path(model.removeprefix("local-dir:")).expanduser()
     if model.startswith(CLASSIFIER_PREFIXES) or (folder / CLASSIFIER_CONFIG).is_file():
         return "classifier"
     if model.startswith(DETECTOR_PREFIXES) or (folder / DETECTOR_CONFIG).is_file():
         return "detector"
+    if model.startswith(VLM_PREFIX) or ((folder / VLM_CONFIG).is_file()
+                                        and not (folder / "open_clip_config.json").is_file()):
+        return "vlm"
     return "vision-text"
 
 
@@ -88,15 +96,17 @@ class Settings:
     MODEL: str = _key(DEFAULT_MODEL, "hf-hub:<id> or a local model folder (see `attention-map fetch-model`); a "
                       "classifier: timm:<name>, torchvision:<name>, xrv:<weights name> or a folder with "
                       f"{CLASSIFIER_CONFIG}; a detector: torchvision-det:<name>, yolo:<file.pt or name.yaml> or a "
-                      f"folder with {DETECTOR_CONFIG}", "model")
+                      f"folder with {DETECTOR_CONFIG}; a generative VLM (LLaVA-style, Gemma-3-style): hf:<id> or "
+                      f"its folder (with {VLM_CONFIG})", "model")
     MODEL_WEIGHTS: Path | None = _key(None, "a classifier's or detector's weights: a state_dict or a checkpoint holding one (.pt, "
                                       ".pth, .safetensors); empty: the library's own weights", "file", optional=True)
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
     PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
-                          "bf16, fp16; all but fp32 on cuda only", "choice", ("auto", "fp32", "tf32", "bf16", "fp16"))
+                          "bf16, fp16; all but fp32 on cuda only; a VLM's weights: auto is bf16 on cuda", "choice", ("auto", "fp32", "tf32", "bf16", "fp16"))
     # CAM
     CAM_VERSION: str = _key("gScoreCAM", "class-activation method (any case): gScoreCAM, ScoreCAM (gScoreCAM over "
-                            "every channel), GradCAM, GradCAM++, XGradCAM, HiResCAM, LayerCAM, EigenCAM",
+                            "every channel), GradCAM, GradCAM++, XGradCAM, HiResCAM, LayerCAM, EigenCAM; a VLM's "
+                            "maps: attention",
                             "choice", CAM_VERSIONS)
     FALLBACK_CAM: str | None = _key(None, "method used for an item where CAM_VERSION cannot run (the manifest says "
                                     "so); empty: the item fails into errors.csv", "choice", CAM_VERSIONS,
@@ -117,6 +127,17 @@ class Settings:
                                     "int", low=1, optional=True)
     SCORE_THRESHOLD: float = _key(0.5, "a detector's detections: class score above this (after per-class NMS)",
                                   "float", low=0.0, high=1.0)
+    ATTENTION_LAYERS: str = _key("auto", "CAM_VERSION=attention: the language model's layers read, auto (the last "
+                                 "half) or indices and ranges such as 16-31 or -4,-1", "layers")
+    ATTENTION_HEADS: str = _key("mean", "CAM_VERSION=attention: heads combined by mean or max", "choice",
+                                ("mean", "max"))
+    ATTENTION_QUERY: str = _key("question", "CAM_VERSION=attention: the attention of the question's tokens, the "
+                                "last prompt token (last) or the generated answer's tokens (generated)", "choice",
+                                ("question", "last", "generated"))
+    ATTENTION_NORMALIZE: str = _key("none", "CAM_VERSION=attention: none, or relative (divided token by token by the "
+                                    "attention the same layers give a generic prompt: fewer attention sinks)",
+                                    "choice", ("none", "relative"))
+    MAX_NEW_TOKENS: int = _key(32, "a VLM's answer: at most this many tokens, greedy (0: no answer)", "int", low=0)
     BATCH_SIZE: int | None = _key(None, "images per forward pass: masked images (gScoreCAM, ScoreCAM; empty: 256 on "
                                   "cuda, 64 on cpu), or films (the gradient methods, EigenCAM; empty: 64 on cuda, 4 "
                                   "on cpu)", "int", low=1, optional=True)
@@ -283,14 +304,19 @@ def _parse_value(name: str, raw: str, where: str):
             raise ValueError(f"{where}: {name}={raw} does not exist or is not a folder")
         return value
     if kind == "model":
-        if not raw.startswith(("hf-hub:",) + CLASSIFIER_PREFIXES + DETECTOR_PREFIXES):
+        if not raw.startswith(("hf-hub:", VLM_PREFIX) + CLASSIFIER_PREFIXES + DETECTOR_PREFIXES):
             local = Path(raw.removeprefix("local-dir:")).expanduser()
             if not any((local / name).is_file() for name in ("open_clip_config.json", CLASSIFIER_CONFIG,
-                                                             DETECTOR_CONFIG)):
-                raise ValueError(f"{where}: MODEL={raw} is none of hf-hub:<id>, "
+                                                             DETECTOR_CONFIG, VLM_CONFIG)):
+                raise ValueError(f"{where}: MODEL={raw} is none of hf-hub:<id>, {VLM_PREFIX}<id>, "
                                  f"{', '.join(CLASSIFIER_PREFIXES + DETECTOR_PREFIXES)}<name> or a model folder with "
-                                 f"open_clip_config.json, {CLASSIFIER_CONFIG} or {DETECTOR_CONFIG} (make one with "
-                                 f"`attention-map fetch-model` or `make-test-model`)")
+                                 f"open_clip_config.json, {CLASSIFIER_CONFIG}, {DETECTOR_CONFIG} or {VLM_CONFIG} "
+                                 f"(make one with `attention-map fetch-model` or `make-test-model`)")
+        return raw
+    if kind == "layers":
+        if raw != "auto" and not re.fullmatch(r"\s*-?\d+\s*(-\s*-?\d+\s*)?(,\s*-?\d+\s*(-\s*-?\d+\s*)?)*", raw):
+            raise ValueError(f"{where}: {name}={raw!r} is neither auto nor layer indices and ranges (e.g. 16-31 or "
+                             f"-4,-1)")
         return raw
     return raw
 
@@ -359,10 +385,22 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
     settings = Settings(**typed)
     if settings.DATA_FILE is None and "DATA_FILE" not in raw:
         problems.append(f"{conf or 'command line'}: DATA_FILE is not set")
-    if model_kind(settings.MODEL) == "vision-text":
+    kind = model_kind(settings.MODEL)
+    if kind in ("vision-text", "vlm"):
         where = {name: raw[name][1] for name in ("MODEL_WEIGHTS", "TARGETS", "TARGET_NAMES") if name in raw}
-        problems += [f"{where[name]}: {name} applies to classifiers; MODEL={settings.MODEL} is CLIP-like (its maps "
+        what = "CLIP-like" if kind == "vision-text" else "a generative VLM"
+        problems += [f"{where[name]}: {name} applies to classifiers; MODEL={settings.MODEL} is {what} (its maps "
                      f"explain the records' prompts)" for name in where if getattr(settings, name)]
+    for name in ("CAM_VERSION", "FALLBACK_CAM"):
+        method, where = getattr(settings, name), raw.get(name, ("", str(conf or "command line")))[1]
+        if method and (kind == "vlm") != (method == "attention"):
+            problems.append(f"{where}: {name}={method}: " + (
+                f"MODEL={settings.MODEL} is a generative VLM, whose maps are CAM_VERSION=attention" if kind == "vlm"
+                else f"attention maps read a generative VLM (MODEL={VLM_PREFIX}<id> or a LLaVA-style or "
+                     f"Gemma-3-style folder)"))
+    if kind == "vlm" and settings.TARGET_LAYER != "auto":
+        problems.append(f"{raw['TARGET_LAYER'][1]}: TARGET_LAYER applies to the CAM methods; a VLM's attention maps "
+                        f"read ATTENTION_LAYERS")
     if model_kind(settings.MODEL) == "detector" and settings.TARGETS:
         problems.append(f"{raw['TARGETS'][1]}: TARGETS applies to classifiers; a detector's maps explain "
                         f"DETECTION_TARGET (topk, sum or box)")

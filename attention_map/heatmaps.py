@@ -62,7 +62,8 @@ def explain(model, cam, films: list[Film], jobs: list[list[Job]], fallback=None)
                 cams.append(grid_map.cam)
                 made.append(Made(method, grid_map.target, grid_map.score, "; ".join(
                     w for w in (film.warning, why, grid_map.warning, model.note(job.prompt.text)) if w),
-                    detections=detections))
+                    detections=detections, answer=grid_map.answer, p_yes=grid_map.p_yes,
+                    similarity=grid_map.similarity))
         results.append((made_jobs, cams, made))
     return results
 

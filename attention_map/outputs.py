@@ -41,6 +41,9 @@ class ManifestRow:
     score: str = ""      # the model's score for the target on the film (CLIP: logit_scale * cosine; else the output)
     boxes: str = ""      # where boxes are made: JSON [[x0, y0, x1, y1, score], ...] in film pixels, best first
     detections: str = ""  # a detector's detections on the film: JSON [[x0, y0, x1, y1, class, score], ...]
+    model_answer: str = ""    # a generative VLM's greedy answer to the question
+    p_yes: str = ""           # its P(yes) / (P(yes) + P(no)) at the first answer token, for a yes/no question
+    prompt_similarity: str = ""   # mean Spearman correlation of the map with the film's other questions' maps
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]

@@ -101,9 +101,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def make_cam(name: str, model, settings: Settings, device: torch.device):
     """The CAM method `name` on `model` with the run's layer (several, comma-separated: averaged), batch size,
-    precision and TOPK."""
-    return on_layers(CAM_METHODS[name], model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
-                     resolve_precision(settings.PRECISION, device), topk=settings.TOPK)
+    precision and the method's own settings (gScoreCAM's TOPK, the attention's ATTENTION_*)."""
+    method = CAM_METHODS[name]
+    return on_layers(method, model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
+                     resolve_precision(settings.PRECISION, device), **method.options(settings))
 
 
 def check_targets(model, targets: tuple[str, ...]) -> None:
@@ -243,7 +244,8 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress,
                 boxes, detections = entry.get("boxes"), entry.get("detections")
                 made = Made(entry["method"], entry["target"], entry["score"], entry["warning"],
                             None if boxes is None else tuple(map(tuple, boxes)),
-                            None if detections is None else tuple(map(tuple, detections)))
+                            None if detections is None else tuple(map(tuple, detections)),
+                            entry.get("answer"), entry.get("p_yes"), entry.get("similarity"))
                 rows[job.order] = manifest_row(job, made)
     return todo
 
@@ -287,7 +289,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
                     progress.other_settings, settings.OUTPUT_DIR)
 
     model = load_model(settings.MODEL, device, settings.OFFLINE, settings.MODEL_WEIGHTS, settings.TARGET_NAMES,
-                       settings.SCORE_THRESHOLD, settings.TOPK_OUTPUTS)
+                       settings.SCORE_THRESHOLD, settings.TOPK_OUTPUTS, settings.PRECISION)
     check_targets(model, settings.TARGETS)
     todo = drop_unknown_targets(model, todo, summary.errors)
     cam, fallback = (make_cam(name, model, settings, device) if name else None
@@ -296,11 +298,11 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         log.info("the detection head reads %s (finest first); TARGET_LAYER=%s", ", ".join(model.head_inputs()),
                  cam.target_layer)
     workers = resolve_workers(settings.WORKERS, device)
-    log.info("model %s on %s, %s at %s%s, %s, %s masked forwards, %d workers", settings.MODEL, device, cam.name,
-             cam.target_layer, f" (FALLBACK_CAM={fallback.name})" if fallback else "",
-             f"{films_per_batch} film{'s' * (films_per_batch > 1)} per forward" if cam.batches_films
-             else f"batch size {cam.batch_size}",
-             cam.precision, workers)
+    how = getattr(cam, "description", None) or (
+        f"{films_per_batch} film{'s' * (films_per_batch > 1)} per forward" if cam.batches_films
+        else f"batch size {cam.batch_size}") + f", {cam.precision} masked forwards"
+    log.info("model %s on %s, %s at %s%s, %s, %d workers", settings.MODEL, device, cam.name, cam.target_layer,
+             f" (FALLBACK_CAM={fallback.name})" if fallback else "", how, workers)
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
     settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)

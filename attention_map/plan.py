@@ -10,7 +10,8 @@ from pathlib import Path
 from . import outputs
 from .config import Settings, model_kind
 from .images import frame_count, is_video
-from .records import CLASSIFIER_CSV_COLUMNS, REQUIRED_CSV_COLUMNS, Prompt, prompts_of, read_records, targets_of
+from .records import (CLASSIFIER_CSV_COLUMNS, REQUIRED_CSV_COLUMNS, Prompt, is_yes_no, prompts_of, read_records,
+                      targets_of)
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,17 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
 class Made:
     """How a heatmap was made, for its manifest row: the method (FALLBACK_CAM's where it stood in), what the map
     explains and the model's score for it, the warnings, the boxes drawn from it (None where none are made) and the
-    film's detections (None but for detectors)."""
+    film's detections (None but for detectors); a generative VLM's answer, P(yes) and how alike the maps of the
+    film's questions are (mean Spearman of this map with theirs)."""
     method: str
     target: str
     score: float
     warning: str = ""
     boxes: tuple | None = None
     detections: tuple | None = None   # a detector's, of the film: [x0, y0, x1, y1, class, score] in film pixels
+    answer: str | None = None
+    p_yes: float | None = None
+    similarity: float | None = None
 
 
 def manifest_row(job: Job, made: Made) -> outputs.ManifestRow:
@@ -156,5 +161,11 @@ def manifest_row(job: Job, made: Made) -> outputs.ManifestRow:
         prompt=job.prompt.text, region="" if job.prompt.region is None else str(job.prompt.region),
         cam_method=made.method, q_id=record.q_id, row_id=record.row_id, choices=record.choices,
         raw_map=job.raw_map, warning=made.warning, frame="" if job.frame is None else str(job.frame),
-        target=made.target, score=f"{made.score:.6g}", boxes=outputs.boxes_text(made.boxes),
-        detections=outputs.boxes_text(made.detections))
+        target=made.target, score=_number(made.score), boxes=outputs.boxes_text(made.boxes),
+        detections=outputs.boxes_text(made.detections), model_answer=made.answer or "",
+        p_yes=_number(made.p_yes) if is_yes_no(record) else "", prompt_similarity=_number(made.similarity))
+
+
+def _number(value: float | None) -> str:
+    """A manifest number: empty where there is none."""
+    return "" if value is None or value != value else f"{value:.6g}"

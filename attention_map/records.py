@@ -19,7 +19,8 @@ class Record:
     line: int                 # line (JSONL, CSV) or item number (JSON list) in DATA_FILE, 1-based, for messages
     image_path: str
     question: str
-    answer: str               # as the dataset has it; a list answer (multi-choice) is kept as JSON text
+    answer: str               # as the dataset has it (`answer`, or `answer_gt`); a list answer (multi-choice) is kept
+                              # as JSON text
     q_id: str
     row_id: str
     prompt: str = ""          # CSV only: an explicit prompt that replaces the question
@@ -72,7 +73,8 @@ def _from_mapping(item: dict, line: int, index: int) -> Record:
         regions = json.loads(regions) if regions.strip().startswith("[") else [regions]
     if not isinstance(regions, (list, tuple)) or not all(isinstance(r, str) for r in regions):
         raise ValueError("visual_regions", "must be a list of region names")
-    return Record(line=line, image_path=image_path.strip(), question=question, answer=_as_text(item.get("answer")),
+    answer = _as_text(item.get("answer", item.get("answer_gt")))
+    return Record(line=line, image_path=image_path.strip(), question=question, answer=answer,
                   q_id=q_id_of(item, index), row_id=_as_text(item.get("row_id")), prompt=_as_text(item.get("prompt")).strip(),
                   regions=tuple(regions), choices=_as_text(item.get("choices")) if item.get("choices") else "",
                   target=_as_text(item.get("target")).strip())
@@ -124,7 +126,8 @@ def _json_lines(path: Path):
 def _csv_rows(path: Path, required: tuple[str, ...]):
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        fields = set(reader.fieldnames or [])
+        missing = [c for c in required if c not in fields and not (c == "answer" and "answer_gt" in fields)]
         if missing:
             raise DataFileError(f"{path}:1: missing column(s) {', '.join(missing)} "
                                 f"(a CSV needs {','.join(required)})")
@@ -163,6 +166,20 @@ def read_records(path: Path,
     Raises DataFileError when the file as a whole is unreadable (see read_items).
     """
     return _records_from_items(read_items(path, required), Path(path))
+
+
+YES_NO_WORDS = {"yes", "no"}
+AUXILIARIES = ("is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "can", "could", "will",
+               "would", "should", "may", "might")
+
+
+def is_yes_no(record: Record) -> bool:
+    """Whether the record's question is answered yes or no: its answer is, or the question opens with an auxiliary
+    verb ('Is there ...?')."""
+    if record.answer.strip().strip(".").lower() in YES_NO_WORDS:
+        return True
+    words = record.question.strip().split(maxsplit=1)
+    return bool(words) and words[0].lower() in AUXILIARIES
 
 
 def prompts_of(record: Record, source: str) -> list[Prompt]:

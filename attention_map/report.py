@@ -133,6 +133,13 @@ def write_report(output_dir: Path) -> Path:
                                                or "none"))
         explained = (f'<div class="text"><span class="label">explains:</span> {escape("; ".join(explained))}</div>'
                      if explained else "")
+        if row.get("model_answer") or row.get("p_yes"):    # a generative VLM's
+            said = row.get("model_answer") or "(none)"
+            said += f" (P(yes) {float(row['p_yes']):.2f})" if row.get("p_yes") else ""
+            said += (f"; map's Spearman with the film's other questions {float(row['prompt_similarity']):.2f}"
+                     if row.get("prompt_similarity") else "")
+            explained += f'<div class="text"><span class="label">model answer:</span> {escape(said)}</div>'
+
         cards.append(
             f'<div class="card {kind}"{data}>'
             f'<div class="images">{_img(films[film], "film")}'
@@ -146,6 +153,12 @@ def write_report(output_dir: Path) -> Path:
     if (output_dir / "evaluation.md").is_file() and any(s.get("hit") for s in scores.values()):
         hits = sum(1 for s in scores.values() if s.get("hit") and float(s["hit"]))
         summary = f"<p>Evaluation: {hits} of {len(scores)} heatmaps hit a box (see evaluation.md).</p>"
+    if (output_dir / "robustness.json").is_file():
+        robust = json.loads((output_dir / "robustness.json").read_text())
+        figures = ", ".join(f"{name.replace('_', ' ')} {value['mean']:.2f} ({value['low']:.2f} to {value['high']:.2f})"
+                            for name, value in robust["metrics"].items() if value["mean"] == value["mean"])
+        summary += (f"<p>Paraphrase robustness over {robust['studies']} studies (95% CI, see robustness.md): "
+                    f"{escape(figures)}.</p>")
     buttons = ('<button onclick="show(\'all\')">all</button><button onclick="show(\'hit\')">hits</button>'
                '<button onclick="show(\'miss\')">misses</button> sort: '
                '<button onclick="sortBy(\'order\')">input order</button>'

@@ -163,6 +163,8 @@ class Progress:
             entry |= dict(parent=job.parent, part=job.part, parts=job.parts)
         if made.detections is not None:
             entry["detections"] = made.detections
+        entry |= {name: value for name in ("answer", "p_yes", "similarity")
+                  if (value := getattr(made, name)) is not None and value == value}
         self._keep(entry)
         self._handle.write(_line(entry))
         self._handle.flush()

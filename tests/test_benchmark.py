@@ -1,4 +1,5 @@
 """The benchmark script runs and compares the two implementations (a tiny model and k = 8 keep it short)."""
+import json
 import re
 import subprocess
 import sys
@@ -61,3 +62,13 @@ def test_methods_benchmark_times_both_packages_and_their_maps_agree(cxr):
         ours, theirs, frozen, ratio = (float(row.group(i)) for i in range(1, 5))
         assert min(ours, theirs, frozen) > 0 and abs(ratio - ours / theirs) <= 0.01 * ratio + 0.01
         assert float(row.group(6)) <= 1e-4     # the same maps
+
+
+def test_vlm_benchmark_times_both_ways_and_their_maps_agree():
+    result = subprocess.run([sys.executable, "benchmarks/bench_vlm.py", "--models", "tiny-llava,tiny-gemma3",
+                             "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| tiny-llava | 4 (2) |" in result.stdout and "| tiny-gemma3 | 4 (2) |" in result.stdout
+    figures = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [f["model"] for f in figures] == ["tiny-llava", "tiny-gemma3"]
+    assert all(f["max_abs_difference"] < 1e-5 and f["ours_s"] > 0 and f["naive_peak_mib"] > 0 for f in figures)

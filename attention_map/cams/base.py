@@ -28,6 +28,9 @@ class GridMap:
     asked: str = ""          # the name asked for it (several maps may answer one: a detector's `box`)
     file: str | None = None  # where it has its own file: the suffix naming it (`det0_nodule`)
     detections: tuple = ()   # the input's detections (models.detector.Detection), where the model detects
+    answer: str | None = None       # a generative model's answer to the question (None: the model does not answer)
+    p_yes: float = float("nan")     # its P(yes) / (P(yes) + P(no)) at the first answer token
+    similarity: float = float("nan")   # mean Spearman correlation with the maps of the input's other prompts
 
 
 class BaseCAM(ABC):
@@ -50,6 +53,11 @@ class BaseCAM(ABC):
         self.times = StageTimes()  # the run replaces it with its own, to report seconds per stage
         self._oom_reported = False
         self._held = None          # (store, hook handle) while `hold` keeps the hook
+
+    @staticmethod
+    def options(settings) -> dict:
+        """The method's own keyword arguments from the run's settings (gScoreCAM's TOPK, say)."""
+        return {}
 
     def forward_in_batches(self, count: int, make_batch) -> torch.Tensor:
         """The model's outputs for `make_batch(start, stop)` for start in 0..count by BATCH_SIZE, concatenated.
@@ -190,9 +198,6 @@ class GradientCAM(BaseCAM):
     and one backward per target, no masked forwards. Subclasses implement `combine`."""
 
     batches_films = True
-
-    def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int | None = None):
-        super().__init__(model, target_layer, batch_size, precision)   # TOPK is gScoreCAM's: every channel counts here
 
     def explain_grid(self, pixels, names):
         return self._maps(pixels, names)[0][0]

@@ -23,6 +23,10 @@ class GScoreCAM(BaseCAM):
         super().__init__(model, target_layer, batch_size, precision)
         self.topk = topk
 
+    @staticmethod
+    def options(settings) -> dict:
+        return {"topk": settings.TOPK}
+
     def channel_masks(self, activations: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         """(U, 1, H, W) masks: each channel upsampled bilinear (align_corners=True) and scaled to [0, 1]."""
         grids = activations[channels][:, None]

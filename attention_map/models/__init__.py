@@ -7,14 +7,16 @@ import torch
 
 from ..config import model_kind
 from .base import ModelAdapter, ModelLoadError, Targets, TargetError
-from . import classifier, detector, open_clip_model
+from . import classifier, detector, open_clip_model, vlm
 
 
 def load_model(spec: str, device: torch.device, offline: bool = False, weights: Path | None = None,
-               target_names: tuple = (), score_threshold: float = 0.5, topk_outputs: int | None = None) -> ModelAdapter:
+               target_names: tuple = (), score_threshold: float = 0.5, topk_outputs: int | None = None,
+               precision: str = "auto") -> ModelAdapter:
     """The model named by MODEL: a CLIP-like model (`hf-hub:<id>` or an open_clip folder), a classifier
-    (`timm:`, `torchvision:`, `xrv:` or a classifier folder, with MODEL_WEIGHTS and TARGET_NAMES) or a detector
-    (`torchvision-det:`, `yolo:` or a detector folder; SCORE_THRESHOLD and TOPK_OUTPUTS shape its targets).
+    (`timm:`, `torchvision:`, `xrv:` or a classifier folder, with MODEL_WEIGHTS and TARGET_NAMES), a detector
+    (`torchvision-det:`, `yolo:` or a detector folder; SCORE_THRESHOLD and TOPK_OUTPUTS shape its targets) or a
+    generative VLM (`hf:<id>` or its folder; PRECISION sets its weights' type on CUDA).
 
     `offline`: never touch the network (a hub model must then be in the local cache).
     A new kind of model is one module implementing ModelAdapter and one branch here.
@@ -25,6 +27,8 @@ def load_model(spec: str, device: torch.device, offline: bool = False, weights: 
         return classifier.load(spec, device, weights, target_names)
     if model_kind(spec) == "detector":
         return detector.load(spec, device, weights, target_names, score_threshold, topk_outputs)
+    if model_kind(spec) == "vlm":
+        return vlm.load(spec, device, precision, offline)
     if weights is not None or target_names:
         raise ModelLoadError(f"MODEL={spec} is CLIP-like: MODEL_WEIGHTS and TARGET_NAMES apply to classifiers")
     return open_clip_model.load(spec, device)

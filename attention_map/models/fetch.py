@@ -1,16 +1,21 @@
-"""Download a hub model and its text tokenizer/config into one self-contained folder for offline nodes."""
+"""Download a hub model and its text tokenizer/config into one self-contained folder for offline nodes: an open_clip
+model (`hf-hub:<id>`) or a transformers VLM (`hf:<id>`, as the hub has it)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# a VLM's config, processor, tokenizer, chat template and safetensors weights (not .bin copies of the same weights)
+VLM_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 TEXT_FILES = ["config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
 
 
 def fetch_model(spec: str, folder: Path, snapshot_download=None, list_repo_files=None) -> Path:
     """Write `spec` (hf-hub:<id>) into `folder`: open_clip_config.json, the weights, and `text/` with the text
     tower's config and tokenizer, which the config then names by the relative path "text".
+
+    `hf:<id>`: the VLM's files (VLM_FILES) as they are on the hub; `MODEL=<folder>` loads them as `hf:<id>` would.
 
     `snapshot_download` and `list_repo_files` default to huggingface_hub's.
     """
@@ -19,6 +24,12 @@ def fetch_model(spec: str, folder: Path, snapshot_download=None, list_repo_files
 
         snapshot_download = snapshot_download or huggingface_hub.snapshot_download
         list_repo_files = list_repo_files or huggingface_hub.list_repo_files
+    if spec.startswith("hf:"):
+        repo_id = spec.removeprefix("hf:")
+        if not any(name.endswith(".safetensors") for name in list_repo_files(repo_id)):
+            raise FileNotFoundError(f"{repo_id} has no .safetensors weights")
+        snapshot_download(repo_id=repo_id, local_dir=str(folder), allow_patterns=VLM_FILES)
+        return Path(folder)
     repo_id = spec.removeprefix("hf-hub:")
     folder = Path(folder)
     files = set(list_repo_files(repo_id))

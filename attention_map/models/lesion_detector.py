@@ -83,7 +83,7 @@ def check_lesion_detector(folder: Path, count: int = 200, methods=None, targets=
     for each method and target the share of the map's energy inside the true boxes and the pointing game (the map's
     peak inside a true box), with the share of the film the boxes cover (what a uniform map puts there). A `box`
     target's figures are over its maps, one per detection."""
-    from ..cams import CAM_METHODS
+    from ..cams import CAM_METHODS, SCORE_METHODS
     from ..maps import grid_to_image
     from . import load_model
 
@@ -105,7 +105,7 @@ def check_lesion_detector(folder: Path, count: int = 200, methods=None, targets=
         masks.append(mask)
     figures = {"recall": found / total, "films": count, "uniform": float(np.mean([m.mean() for m in masks])),
                "energy": {}, "pointing": {}}
-    for method in methods or CAM_METHODS:
+    for method in methods or SCORE_METHODS:
         cam = CAM_METHODS[method](model)
         for target in targets:
             energy, pointing = [], []

@@ -4,7 +4,8 @@
 context 256) with a generated WordPiece vocabulary; `tiny` is a small open_clip ViT and `tiny-resnet` a small
 open_clip ModifiedResNet (a CNN, 4 x 4 grid at layer4), both with open_clip's own text transformer and tokenizer, for
 fast tests; the classifiers (CLASSIFIER_ARCHS) are one per library (timm, torchvision, torchxrayvision) and a six-zone
-score model; the detectors (DETECTOR_ARCHS) one per torchvision family and the project's tiny FCOS. The same seed writes the same bytes.
+score model; the detectors (DETECTOR_ARCHS) one per torchvision family and the project's tiny FCOS; the generative VLMs
+(`llava`, `gemma3`) are in tiny_vlm.py. The same seed writes the same bytes.
 """
 from __future__ import annotations
 
@@ -137,12 +138,16 @@ def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
 
     from .open_clip_model import go_offline
 
-    if arch not in ARCHS and arch not in CLASSIFIER_ARCHS and arch not in DETECTOR_ARCHS:
+    from .tiny_vlm import TINY_VLM_ARCHS, make_tiny_vlm
+
+    if arch not in ARCHS and arch not in CLASSIFIER_ARCHS and arch not in DETECTOR_ARCHS and arch not in TINY_VLM_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of "
-                         f"{', '.join([*ARCHS, *CLASSIFIER_ARCHS, *DETECTOR_ARCHS])}")
+                         f"{', '.join([*ARCHS, *CLASSIFIER_ARCHS, *DETECTOR_ARCHS, *TINY_VLM_ARCHS])}")
     go_offline()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if arch in TINY_VLM_ARCHS:
+        return make_tiny_vlm(folder, arch, seed)
     if arch in CLASSIFIER_ARCHS or arch in DETECTOR_ARCHS:
         return _make_classifier(folder, arch, seed)
     config = json.loads(json.dumps(ARCHS[arch]))

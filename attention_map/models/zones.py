@@ -72,7 +72,7 @@ def check_zone_model(folder: Path, count: int = 200, methods=None, first_seed: i
     from sklearn.metrics import roc_auc_score
 
     from ..api import explain
-    from ..cams import CAM_METHODS
+    from ..cams import SCORE_METHODS
     from . import load_model
 
     model = load_model(str(folder), torch.device("cpu"))
@@ -83,7 +83,7 @@ def check_zone_model(folder: Path, count: int = 200, methods=None, first_seed: i
     figures = {"auroc": {zone: float(roc_auc_score(labels[:, z], scores[:, z])) for z, zone in enumerate(CHEST_ZONES)},
                "pointing": {}}
     boxes = [zone_box(zone, SIZE) for zone in CHEST_ZONES]
-    for method in methods or CAM_METHODS:
+    for method in methods or SCORE_METHODS:
         maps = explain(model, films.numpy(), list(CHEST_ZONES), method=method, batch_size=50)   # (N, 6, H, W)
         hits = []
         for i, z in zip(*np.nonzero(labels.numpy())):
