@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--arch", default="tiny", help="CLIP-like: biomedclip, tiny, tiny-resnet; classifiers: "
                       "timm-resnet, timm-vit, torchvision-densenet, xrv-densenet, zone-resnet (six zones x 4 classes); "
                       "detectors: fcos, retinanet, fasterrcnn, ssdlite, tiny-fcos, yolo (needs ultralytics); generative VLMs: "
-                      "llava, gemma3")
+                      "llava, llava-next, gemma3")
     make.add_argument("--seed", type=int, default=0)
 
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "

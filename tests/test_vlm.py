@@ -14,7 +14,8 @@ from attention_map.models import ModelLoadError, vlm
 
 from test_cli import cli, read_manifest
 
-ARCHS = ("llava", "gemma3")
+ARCHS = ("llava", "llava-next", "gemma3")
+GRIDS = {"llava": (24, 24), "gemma3": (16, 16), "llava-next": (24, 48)}   # llava-next: a 300 x 600 film, 2 tiles
 QUESTION = "Is there a nodule in the left lung?"
 
 
@@ -31,7 +32,9 @@ def _load(tiny_vlms, arch):
 
 
 def _picture(model, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).random((3, *model.image_size), dtype=np.float32))
+    """A random picture as `prepare` gives it: of the model's input size, or 300 x 600 for a tiled model."""
+    size = (300, 600) if model.pinpoints else model.image_size
+    return torch.from_numpy(np.random.default_rng(seed).random((3, *size), dtype=np.float32))
 
 
 def _as_processor_input(image):
@@ -67,10 +70,11 @@ def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms
     inputs, question_positions, _ = model._inputs(_as_processor_input(image), QUESTION, 0)
     assert model.processor.tokenizer.decode(inputs["input_ids"][0, question_positions]) == QUESTION
     image_positions = (inputs["input_ids"][0] == model.image_token_id).nonzero()[:, 0]
-    assert len(image_positions) == {"llava": 576, "gemma3": 256}[arch]
+    assert len(image_positions) == {"llava": 576, "gemma3": 256, "llava-next": 576 + 24 * 49}[arch]
+    image_positions = model.map_tokens(inputs, image_positions)[0]
 
     reading = model.read(image, QUESTION, layers, "question", 0)
-    assert reading.grid == {"llava": (24, 24), "gemma3": (16, 16)}[arch]
+    assert reading.grid == GRIDS[arch]
     seen = {}
     hooks = [layer.register_forward_pre_hook(
         lambda module, args, kwargs, i=i: seen.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None),
@@ -116,10 +120,11 @@ def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms
     assert 0 <= answered.p_yes <= 1
 
 
-def _point_attention_at(model, token: int):
-    """Set the model's weights so that layer 0's attention from every text token falls on image token `token`:
-    every text token has one embedding e, the image features are 0 but at `token` (a direction u orthogonal to e),
-    rotary embeddings are switched off, and layer 0's q reads e and k reads u. Returns the hook to remove."""
+def _point_attention_at(model, patch: int, token: int):
+    """Set the model's weights so that layer 0's attention from every text token falls on one image token, the
+    `token`-th of the projector's output for image `patch` (a tile of a tiled model; 0 otherwise): every text token has
+    one embedding e, the image features are 0 but there (a direction u orthogonal to e), rotary embeddings are
+    switched off, and layer 0's q reads e and k reads u. Returns the hook to remove."""
     language = model.module.model.language_model
     size = language.embed_tokens.weight.shape[1]
     generator = torch.Generator().manual_seed(1)
@@ -138,10 +143,12 @@ def _point_attention_at(model, token: int):
         if hasattr(attention, "q_norm"):
             attention.q_norm.weight.fill_(3.0)
             attention.k_norm.weight.fill_(3.0)
+        if getattr(model.module.model, "image_newline", None) is not None:
+            model.module.model.image_newline.zero_()
 
     def features(module, args, output):
         placed = torch.zeros_like(output)
-        placed[:, token] = u.to(output.dtype) * 8
+        placed[patch, token] = u.to(output.dtype) * 8
         return placed
     return model.module.model.multi_modal_projector.register_forward_hook(features)
 
@@ -151,22 +158,25 @@ def test_a_known_image_token_is_the_hot_cell_at_its_place_on_the_film(tiny_vlms,
     """With weights that make the attention fall on one image token, that token is the map's peak, at its cell of
     the grid and of the film: an image-token span off by one token, or a grid read transposed, moves it."""
     model = _load(tiny_vlms, arch)
-    side = {"llava": 24, "gemma3": 16}[arch]
-    film = np.zeros((300, 400), np.float32)   # wider than high: a transposed grid lands elsewhere
+    rows, columns = GRIDS[arch]
+    side = 24 if arch == "llava-next" else rows
+    # wider than high (a transposed grid lands elsewhere); for the tiled model 1:2, two tiles side by side, no padding
+    height, width = (300, 600) if arch == "llava-next" else (300, 400)
+    film = np.zeros((height, width), np.float32)
     cam = AttentionMap(model, attention_layers="0", max_new_tokens=0)
-    for token in (0, 1, side + 3, side * side - 2):
-        hook = _point_attention_at(model, token)
+    for row, column in ((0, 0), (0, 1), (1, 3), (rows - 1, columns - 2), (5, columns - 1)):
+        patch = 1 + column // side if arch == "llava-next" else 0     # the tiles follow the overview image
+        hook = _point_attention_at(model, patch, row * side + column % side)
         try:
             grid_map = cam.explain(model.prepare(film), [QUESTION])[0]
         finally:
             hook.remove()
-        assert grid_map.cam.shape == (side, side)
-        row, column = np.unravel_index(np.argmax(grid_map.cam), grid_map.cam.shape)
-        assert (row, column) == divmod(token, side)
+        assert grid_map.cam.shape == (rows, columns)
+        assert np.unravel_index(np.argmax(grid_map.cam), grid_map.cam.shape) == (row, column)
         assert grid_map.cam.max() > 0.5 * grid_map.cam.sum()    # the attention is on that one token
-        heat = grid_to_image(grid_map.cam, (400, 300))
+        heat = grid_to_image(grid_map.cam, (width, height))
         y, x = np.unravel_index(np.argmax(heat), heat.shape)
-        assert int(y // (300 / side)) == row and int(x // (400 / side)) == column
+        assert int(y // (height / rows)) == row and int(x // (width / columns)) == column
 
 
 def test_relative_normalisation_divides_by_the_generic_prompts_attention(tiny_vlms):
@@ -217,7 +227,9 @@ def test_a_run_on_real_films_writes_maps_answers_and_p_yes(tmp_path, tiny_vlms, 
     assert 0 <= float(rows[0]["p_yes"]) <= 1
     assert -1 <= float(rows[0]["prompt_similarity"]) <= 1 and rows[0]["prompt_similarity"] == rows[1]["prompt_similarity"]
     assert rows[2]["prompt_similarity"] == ""         # the film's only question
-    assert "question truncated to its first" in rows[2]["warning"] and "context of 1024" in rows[2]["warning"]
+    context = vlm.load(str(tiny_vlms[arch]), torch.device("cpu")).context
+    assert rows[2]["warning"].count("question truncated to its first") == 1
+    assert f"to fit the model's context of {context} tokens" in rows[2]["warning"]
     assert not rows[0]["warning"]
     before = (out / "vqa_manifest.csv").read_bytes()
     again = cli(*args)

@@ -72,11 +72,13 @@ class ModelAdapter(ABC):
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def prepare(self, film: np.ndarray) -> torch.Tensor:
-        """A grey film in [0, 1] -> (1, channels, H, W) model input: squashed (not cropped) with bicubic
-        resampling, grey copied to every channel, normalised with the model's mean and std."""
+    def prepare(self, film: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """A grey film in [0, 1] -> (1, channels, H, W) model input: squashed (not cropped) to `size` (by default
+        the model's input size) with bicubic resampling, grey copied to every channel, normalised with the model's
+        mean and std."""
         tensor = torch.from_numpy(film).to(self.device, torch.float32)[None, None]
-        resized = F.interpolate(tensor, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        resized = F.interpolate(tensor, size=size or self.image_size, mode="bicubic", align_corners=False,
+                                antialias=True)
         channels = resized.clamp(0, 1).expand(-1, len(self.mean), -1, -1)
         mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)

@@ -5,7 +5,7 @@ context 256) with a generated WordPiece vocabulary; `tiny` is a small open_clip 
 open_clip ModifiedResNet (a CNN, 4 x 4 grid at layer4), both with open_clip's own text transformer and tokenizer, for
 fast tests; the classifiers (CLASSIFIER_ARCHS) are one per library (timm, torchvision, torchxrayvision) and a six-zone
 score model; the detectors (DETECTOR_ARCHS) one per torchvision family and the project's tiny FCOS; the generative VLMs
-(`llava`, `gemma3`) are in tiny_vlm.py. The same seed writes the same bytes.
+(`llava`, `llava-next`, `gemma3`) are in tiny_vlm.py. The same seed writes the same bytes.
 """
 from __future__ import annotations
 

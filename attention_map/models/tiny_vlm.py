@@ -3,6 +3,8 @@ model.safetensors, the processor and its tokenizer), of the two architectures th
 
 - `llava`: `LlavaForConditionalGeneration`, a CLIP vision tower at 336 px with 14-px patches (a 24 x 24 grid of
   image tokens, CLS dropped, as llava-hf's LLaVA-1.5) and a Llama language model with grouped-query attention;
+- `llava-next`: `LlavaNextForConditionalGeneration`, the same towers reading "anyres" tiles: the film at its own
+  aspect ratio in 336-px tiles on LLaVA-NeXT's grid pinpoints, after one overview of the whole film;
 - `gemma3`: `Gemma3ForConditionalGeneration`, a SigLIP tower whose 32 x 32 patches are pooled to Gemma 3's 16 x 16
   image tokens, and a Gemma 3 language model with sliding and full attention layers and q/k norms.
 
@@ -33,7 +35,8 @@ GEMMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
                    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{% for c in m['content'] %}"
                    "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
                    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-TINY_VLM_ARCHS = ("llava", "gemma3")
+TINY_VLM_ARCHS = ("llava", "llava-next", "gemma3")
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]   # LLaVA-NeXT's, (height, width)
 
 
 def _tokenizer(specials: list[str], named: dict[str, str], **roles):
@@ -50,27 +53,32 @@ def _tokenizer(specials: list[str], named: dict[str, str], **roles):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, extra_special_tokens=named, **roles)
 
 
-def _llava(seed: int, text: dict):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+def _llava(seed: int, text: dict, tiled: bool = False):
+    """LLaVA-1.5, or with `tiled` LLaVA-NeXT (its image processor and model read the film in tiles)."""
+    import transformers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
 
     tokenizer = _tokenizer(["<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"}, bos_token="<s>",
                            eos_token="</s>", pad_token="<pad>")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(image_processor, tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                               chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
-    config = LlavaConfig(
+    kind = "LlavaNext" if tiled else "Llava"
+    sizes = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    image_processor = (transformers.LlavaNextImageProcessor(**sizes, image_grid_pinpoints=PINPOINTS) if tiled
+                       else CLIPImageProcessor(**sizes))
+    processor = getattr(transformers, f"{kind}Processor")(
+        image_processor, tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
+    config = getattr(transformers, f"{kind}Config")(
         vision_config=CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
         text_config=LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-                                   **text}),
+                                          max_position_embeddings=4096 if tiled else 1024,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id), **text}),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default")
+        vision_feature_select_strategy="default", **({"image_grid_pinpoints": PINPOINTS} if tiled else {}))
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config), processor
+    return getattr(transformers, f"{kind}ForConditionalGeneration")(config), processor
 
 
 def _gemma3(seed: int, text: dict):
@@ -101,7 +109,8 @@ def _gemma3(seed: int, text: dict):
 def build_vlm(arch: str, seed: int = 0, **text):
     """(model, processor) of `arch` (llava or gemma3) with random weights; `text` replaces keys of the language
     model's config (a deeper or wider model for the benchmark)."""
-    model, processor = {"llava": _llava, "gemma3": _gemma3}[arch](seed, text)
+    model, processor = {"llava": _llava, "llava-next": lambda seed, text: _llava(seed, text, tiled=True),
+                         "gemma3": _gemma3}[arch](seed, text)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.eval(), processor
 

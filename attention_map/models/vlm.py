@@ -1,5 +1,6 @@
 """Generative vision-language models through transformers: LLaVA-style (`LlavaForConditionalGeneration`, llava-hf
-format: LLaVA-Med, LLaVA-Rad) and Gemma-3-style (`Gemma3ForConditionalGeneration`: MedGemma).
+format: LLaVA-Med, LLaVA-Rad; `LlavaNextForConditionalGeneration`, whose "anyres" tiles are mapped back to the film)
+and Gemma-3-style (`Gemma3ForConditionalGeneration`: MedGemma).
 
 What the `attention` maps read of one (film, question) (`VisionLanguageModel.read`): the prompt made by the
 processor's own chat template, with the image placeholder expanded by the processor into the image tokens, whose
@@ -40,7 +41,7 @@ class Reading:
     grid: tuple[int, int]     # the image tokens' grid, rows x columns, in the film's orientation
     answer: str               # the greedy answer ('' when MAX_NEW_TOKENS=0)
     p_yes: float              # P(yes) / (P(yes) + P(no)) at the first answer token
-    note: str = ""            # what the reader should know (the question truncated; no generated token to read)
+    note: str = ""            # what the reader should know (no generated token to read)
 
 
 class _Recording:
@@ -144,6 +145,7 @@ class VisionLanguageModel(ModelAdapter):
         side = size.get("shortest_edge")
         self.image_size = (side, side) if side else (size["height"], size["width"])
         self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)   # `prepare` gives the squashed film in [0, 1]
+        self.pinpoints = getattr(config, "image_grid_pinpoints", None)   # tiles ("anyres", LLaVA-NeXT), (h, w)
         text = config.get_text_config()
         self.context = text.max_position_embeddings
         tokenizer = processor.tokenizer
@@ -163,6 +165,40 @@ class VisionLanguageModel(ModelAdapter):
 
     def note(self, name: str) -> str:
         return self._notes.get(name, "")
+
+    def prepare(self, film: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The film squashed to the processor's input size, or for a tiled model at its own aspect ratio, its longer
+        side at most the largest tile layout's: the processor picks the tiles that fit it best."""
+        if self.pinpoints and size is None:
+            scale = min(1.0, max(max(pinpoint) for pinpoint in self.pinpoints) / max(film.shape))
+            size = (max(1, round(film.shape[0] * scale)), max(1, round(film.shape[1] * scale)))
+        return super().prepare(film, size)
+
+    def map_tokens(self, inputs, image_positions: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The image tokens a map is made of and their grid (rows, columns), which covers the film.
+
+        One square grid of image tokens (LLaVA-1.5's 24 x 24, Gemma 3's pooled 16 x 16) is the map. Of a tiled
+        input (LLaVA-NeXT) the map is the tiles' grid, laid out by the model's own functions: the tiles side by side,
+        the padding the processor added to keep the film's aspect ratio cut away (`unpad_image`), and a newline
+        token closing each row, which is left out; the overview image's tokens before it are left out too."""
+        count = len(image_positions)
+        if not self.pinpoints:
+            side = int(round(count ** 0.5))
+            if count == 0 or side * side != count:
+                raise CAMError(f"the processor made {count} image tokens, not a square grid (Gemma 3's pan-and-scan "
+                               f"crops are not read: set do_pan_and_scan to false)")
+            return image_positions, (side, side)
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        vision = self.module.config.vision_config
+        side = vision.image_size // vision.patch_size
+        size = inputs["image_sizes"][0].tolist()
+        rows, columns = get_anyres_image_grid_shape(size, self.pinpoints, vision.image_size)
+        height, width = unpad_image(torch.empty(1, rows * side, columns * side), size).shape[1:]
+        if count != side * side + height * (width + 1):
+            raise CAMError(f"the processor made {count} image tokens, not the {side * side} of the overview and the "
+                           f"{height} x {width + 1} of the tiles that the model reads")
+        return image_positions[side * side:].view(height, width + 1)[:, :width].flatten(), (height, width)
 
     def _prompt(self, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -202,14 +238,10 @@ class VisionLanguageModel(ModelAdapter):
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.module.dtype)
         ids = inputs["input_ids"]
-        image_positions = (ids[0] == self.image_token_id).nonzero()[:, 0]
-        side = int(round(len(image_positions) ** 0.5))
-        if len(image_positions) == 0 or side * side != len(image_positions):
-            raise CAMError(f"the processor made {len(image_positions)} image tokens, not a square grid (tiled "
-                           f"inputs are not read)")
+        image_positions, grid = self.map_tokens(inputs, (ids[0] == self.image_token_id).nonzero()[:, 0])
         length = ids.shape[1]
         answer_ids = torch.empty(0, dtype=ids.dtype, device=ids.device)
-        note = self._notes.get(question, "")
+        note = ""   # the question's truncation is the model's `note` about it
         with torch.no_grad():
             if max_new_tokens > 0:
                 made = self.module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, length:]
@@ -221,8 +253,7 @@ class VisionLanguageModel(ModelAdapter):
                        "generated": torch.arange(length, length + len(answer_ids))}[query]
             if len(queries) == 0:
                 queries = torch.tensor([length - 1])
-                note = "; ".join(n for n in (note, "no answer token generated: the last prompt token read instead")
-                                 if n)
+                note = "no answer token generated: the last prompt token read instead"
             full = dict(inputs)
             if len(answer_ids):
                 full["input_ids"] = torch.cat([ids, answer_ids[None]], dim=1)
@@ -240,7 +271,7 @@ class VisionLanguageModel(ModelAdapter):
         probabilities = logits.softmax(-1)
         yes, no = (float(probabilities[list(ids_)].sum()) for ids_ in self.yes_no)
         answer = self.processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-        return Reading(attention, (side, side), answer, yes / (yes + no) if yes + no > 0 else float("nan"), note)
+        return Reading(attention, grid, answer, yes / (yes + no) if yes + no > 0 else float("nan"), note)
 
 
 def load(spec: str, device: torch.device, precision: str = "auto", offline: bool = False) -> VisionLanguageModel:
