@@ -91,7 +91,8 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
     """Maps (N, T, H, W) in [0, 1] at the images' size: for each image, one per target.
 
     model: an nn.Module whose output is (B, K) scores, (B, zones, classes) or a list or dict of heads; or an adapter
-        from `attention_map.models.load_model` (a CLIP-like model takes prompts as targets).
+        from `attention_map.models.load_model` (a CLIP-like model takes prompts as targets; a generative VLM,
+        with method="attention", questions).
     images: model inputs (N, C, H, W), array or tensor, used as they are; or grey films (N, H, W) or a list of
         (H, W) arrays in [0, 1], resized to the adapter's input size and normalised (a bare module: the films' size,
         `channels` channels, `mean` and `std`).

@@ -69,6 +69,8 @@ def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms
     layers = list(range(model.depth))
     inputs, question_positions, _ = model._inputs(_as_processor_input(image), QUESTION, 0)
     assert model.processor.tokenizer.decode(inputs["input_ids"][0, question_positions]) == QUESTION
+    bos = model.processor.tokenizer.bos_token_id    # one BOS, whether the chat template writes it (Gemma) or not
+    assert inputs["input_ids"][0, 0] == bos and (inputs["input_ids"][0] == bos).sum() == 1
     image_positions = (inputs["input_ids"][0] == model.image_token_id).nonzero()[:, 0]
     assert len(image_positions) == {"llava": 576, "gemma3": 256, "llava-next": 576 + 24 * 49}[arch]
     image_positions = model.map_tokens(inputs, image_positions)[0]
@@ -296,3 +298,17 @@ def test_fetch_model_copies_a_vlm_for_offline_nodes(tmp_path, tiny_vlms):
     original = _load(tiny_vlms, "llava")
     assert torch.equal(fetched.read(image, QUESTION, [3], "last", 0).attention,
                        original.read(image, QUESTION, [3], "last", 0).attention)
+
+
+def test_the_python_api_explains_a_vlm_with_questions_as_targets(tiny_vlms, cxr):
+    from attention_map import explain
+    from attention_map.images import read_film
+
+    model = _load(tiny_vlms, "gemma3")
+    film = read_film(cxr / "nih" / "00000001_000.png", 50_000_000).pixels
+    questions = [QUESTION, "Where is the heart?"]
+    maps = explain(model, [film], questions, method="attention")
+    assert maps.shape == (1, 2, *film.shape) and maps.min() >= 0 and maps.max() == pytest.approx(1.0)
+    cam = AttentionMap(model)
+    expected = [grid_to_image(m.cam, film.shape[::-1]) for m in cam.explain(model.prepare(film), questions)]
+    assert np.allclose(maps[0], expected, atol=1e-6)

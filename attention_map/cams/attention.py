@@ -86,6 +86,13 @@ class AttentionMap(BaseCAM):
         return dict(attention_layers=settings.ATTENTION_LAYERS, heads=settings.ATTENTION_HEADS, query=settings.ATTENTION_QUERY,
                     normalize=settings.ATTENTION_NORMALIZE, max_new_tokens=settings.MAX_NEW_TOKENS)
 
+    def hold(self) -> None:
+        """Nothing to hold: the recording attention function is the model's from loading on, and records only
+        inside `VisionLanguageModel.read`."""
+
+    def release(self) -> None:
+        """Nothing to release (see `hold`)."""
+
     def read(self, image: torch.Tensor, question: str):
         with self.times("attention"):
             return self.model.read(image, question, self.layers, self.query, self.max_new_tokens)

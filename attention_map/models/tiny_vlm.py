@@ -40,8 +40,9 @@ PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]   # L
 
 
 def _tokenizer(specials: list[str], named: dict[str, str], **roles):
-    """A byte-level BPE tokenizer (transformers' PreTrainedTokenizerFast) with `specials` as its first tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer (transformers' PreTrainedTokenizerFast) with `specials` as its first tokens, adding
+    the BOS token as the real models' tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -50,6 +51,9 @@ def _tokenizer(specials: list[str], named: dict[str, str], **roles):
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([CORPUS] * 4, trainer)
+    bos = roles["bos_token"]   # the BOS token opens every text, as Llama's and Gemma's tokenizers do
+    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                       special_tokens=[(bos, bpe.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, extra_special_tokens=named, **roles)
 
 

@@ -210,8 +210,13 @@ class VisionLanguageModel(ModelAdapter):
 
         The question's tokens are where the prompt's tokens differ from those of the same prompt with an empty
         question (the processor's output both times), so no template's layout is assumed."""
+        bos = self.processor.tokenizer.bos_token
+
         def encode(text: str):
-            return self.processor(text=self._prompt(text), images=picture, return_tensors="pt")
+            # as transformers' apply_chat_template: a template that writes the BOS token gets no second one
+            prompt = self._prompt(text)
+            return self.processor(text=prompt, images=picture, return_tensors="pt",
+                                  add_special_tokens=not (bos and prompt.startswith(bos)))
 
         inputs, bare = encode(question), encode("")["input_ids"][0].tolist()
         ids = inputs["input_ids"][0].tolist()
