@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -49,6 +50,7 @@ class Summary:
     shard: str = ""
     stopped: str = ""        # why FAIL_FAST stopped the run, if it did
     stage_seconds: dict = field(default_factory=dict)   # seconds per stage, summed over workers
+    similarities: list = field(default_factory=list)    # of the maps written, with other prompts on their film
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     @property
@@ -69,6 +71,10 @@ class Summary:
                  f"`attention-map merge {self.output_dir}` joins the shards once all are.")
         if self.stopped:
             where = f"Stopped at the first failure (FAIL_FAST=true): {self.stopped}. A rerun resumes."
+        if self.similarities:
+            where += (f" Prompt sensitivity: the maps of a film's questions correlate {np.mean(self.similarities):.2f} "
+                      f"(mean Spearman over {len(self.similarities)} maps; near 1, a map does not depend on the "
+                      f"question).")
         if self.stage_seconds:
             stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.stage_seconds.items())
             where += f" Seconds per stage: {stages}."
@@ -315,6 +321,8 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         progress.add(job, made)
         rows[job.order] = manifest_row(job, made)
         summary.heatmaps += 1
+        if made.similarity is not None and made.similarity == made.similarity:
+            summary.similarities.append(made.similarity)
         if made.warning:
             summary.warnings += 1
             log.warning("%s (%s): %s", job.overlay, job.prompt.text, made.warning)

@@ -233,6 +233,8 @@ def test_a_run_on_real_films_writes_maps_answers_and_p_yes(tmp_path, tiny_vlms, 
     assert rows[2]["warning"].count("question truncated to its first") == 1
     assert f"to fit the model's context of {context} tokens" in rows[2]["warning"]
     assert not rows[0]["warning"]
+    mean = np.mean([float(rows[0]["prompt_similarity"]), float(rows[1]["prompt_similarity"])])
+    assert f"the maps of a film's questions correlate {mean:.2f} (mean Spearman over 2 maps" in result.stdout
     before = (out / "vqa_manifest.csv").read_bytes()
     again = cli(*args)
     assert again.returncode == 0 and "0 heatmaps written, 0 failed, 3 already done" in again.stdout
