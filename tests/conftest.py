@@ -39,18 +39,24 @@ RETRAINS = ("toy_retrain", "zone_retrain", "lesion_retrain")
 _retrain: dict = {}
 
 
+def _retrains(item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in RETRAINS)
+
+
 def pytest_collection_modifyitems(items):
     """The cluster tests (a Slurm array, the Docker image) run first: much of their time is spent waiting on the
     scheduler, the network and the disk, which at the end of the session (the retrain done) would leave a core idle,
-    and at the start overlaps the retrain. When the toy model's retrain is among the tests, it starts
-    now (with the zone classifier's after it) in a process of its own on one thread, so that its minutes overlap the
-    other tests, and the tests go on at a lower priority (nice 5), so that the retrain, the longest single piece, keeps
-    its core; its test runs last and waits for it."""
-    def retrains(item) -> bool:
-        return any(name in getattr(item, "fixturenames", ()) for name in RETRAINS)
+    and at the start overlaps the retrain. The tests of the retrained models run last (see below)."""
+    items.sort(key=lambda item: (_retrains(item), item.path.name != "test_cluster.py"))
 
-    items.sort(key=lambda item: (retrains(item), item.path.name != "test_cluster.py"))
-    wanted = sorted({name for item in items for name in RETRAINS if name in getattr(item, "fixturenames", ())})
+
+def pytest_collection_finish(session):
+    """When a retrain is among the tests that will run (after -k or -m have deselected theirs), it starts now (the
+    toy model's, then the zone classifier's and the lesion detector's) in a process of its own on one thread, so that
+    its minutes overlap the other tests, and the tests go on at a lower priority (nice 5), so that the retrain, the
+    longest single piece, keeps its core; its tests run last and wait for it."""
+    wanted = sorted({name for item in session.items for name in RETRAINS
+                     if name in getattr(item, "fixturenames", ())})
     if wanted:
         work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
         _retrain.update(work=work, process=subprocess.Popen(
