@@ -227,7 +227,8 @@ def test_a_run_on_real_films_writes_maps_answers_and_p_yes(tmp_path, tiny_vlms, 
                for r in rows)
     assert rows[0]["p_yes"] and rows[2]["p_yes"] and not rows[1]["p_yes"]    # yes/no questions only
     assert 0 <= float(rows[0]["p_yes"]) <= 1
-    assert -1 <= float(rows[0]["prompt_similarity"]) <= 1 and rows[0]["prompt_similarity"] == rows[1]["prompt_similarity"]
+    assert -1 <= float(rows[0]["prompt_similarity"]) <= 1
+    assert rows[0]["prompt_similarity"] == rows[1]["prompt_similarity"]      # two maps: each one's mean is the pair's
     assert rows[2]["prompt_similarity"] == ""         # the film's only question
     context = vlm.load(str(tiny_vlms[arch]), torch.device("cpu")).context
     assert rows[2]["warning"].count("question truncated to its first") == 1

@@ -62,6 +62,9 @@ def similarities(cams: list[np.ndarray]) -> list[float]:
 
 
 class AttentionMap(BaseCAM):
+    """The maps of a generative VLM (`models.vlm.VisionLanguageModel`) from its attention: no target layer, hook or
+    gradient; each question is one `read` of the model."""
+
     name = "attention"
     needs_gradients = False
 
@@ -77,14 +80,15 @@ class AttentionMap(BaseCAM):
         self.heads, self.query, self.normalize, self.max_new_tokens = heads, query, normalize, max_new_tokens
         self.target_layer = f"language_model.layers[{','.join(map(str, self.layers))}]"
         self.precision = str(model.module.dtype).removeprefix("torch.")
-        self.masked_forwards, self.times, self._held = 0, StageTimes(), None
+        self.masked_forwards, self.times = 0, StageTimes()
         self.description = (f"{query} tokens, {heads} of the heads, {normalize} normalisation, weights in "
                             f"{self.precision}, answers of up to {max_new_tokens} tokens")
 
     @staticmethod
     def options(settings) -> dict:
-        return dict(attention_layers=settings.ATTENTION_LAYERS, heads=settings.ATTENTION_HEADS, query=settings.ATTENTION_QUERY,
-                    normalize=settings.ATTENTION_NORMALIZE, max_new_tokens=settings.MAX_NEW_TOKENS)
+        return dict(attention_layers=settings.ATTENTION_LAYERS, heads=settings.ATTENTION_HEADS,
+                    query=settings.ATTENTION_QUERY, normalize=settings.ATTENTION_NORMALIZE,
+                    max_new_tokens=settings.MAX_NEW_TOKENS)
 
     def hold(self) -> None:
         """Nothing to hold: the recording attention function is the model's from loading on, and records only
