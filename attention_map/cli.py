@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     robust.add_argument("--compare", type=Path, metavar="OTHER_OUTPUT_DIR", help="another run (another model) on the "
                         "same records: paired differences by study")
     robust.add_argument("--top-percent", type=float, default=15.0, help="top-p%% of a map for the IoU (15)")
+    robust.add_argument("--records", type=Path, help="the runs' records (default: the run's DATA_FILE, from its "
+                        "run_config.conf)")
 
     report = commands.add_parser("report", help="write OUTPUT_DIR/index.html, a gallery of the run's heatmaps")
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         from .robustness import markdown, robustness
 
         try:
-            summary = robustness(args.output_dir, args.compare, args.top_percent)
+            summary = robustness(args.output_dir, args.compare, args.top_percent, records=args.records)
         except (EvaluationError, FileNotFoundError) as error:
             print(f"attention-map: {error}", file=sys.stderr)
             return EXIT_CONFIG

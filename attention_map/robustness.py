@@ -9,7 +9,7 @@ variants resampled together). Two runs (two models on the same records) are comp
 differences and their intervals. Written as robustness.csv (a row per study), robustness.json and robustness.md.
 
 The run's records (its DATA_FILE) carry `study_id`, `variant_id`, `finding`, `question` and `answer_gt` (or
-`answer`); the run must have SAVE_RAW_CAM=true.
+`answer`; `--records` names them where the run's DATA_FILE has moved); the run must have SAVE_RAW_CAM=true.
 """
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def normalise_answer(text: str) -> str:
     return " ".join(words)
 
 
-def _run_records(output_dir: Path) -> dict[str, dict]:
-    """The run's records (its DATA_FILE, from run_config.conf) by q_id, as the manifest names them."""
-    data_file = read_run_config(output_dir).get("DATA_FILE")
+def _run_records(output_dir: Path, records: Path | None = None) -> dict[str, dict]:
+    """The run's records by q_id, as the manifest names them: `records`, or the run's DATA_FILE (from
+    run_config.conf; a relative path is read from the current folder, as the run read it)."""
+    data_file = records or read_run_config(output_dir).get("DATA_FILE")
     if not data_file:
         raise EvaluationError(f"{output_dir / outputs.RUN_CONFIG}: not found or names no DATA_FILE; robustness "
                               f"reads a finished run's OUTPUT_DIR")
@@ -49,7 +50,8 @@ def _run_records(output_dir: Path) -> dict[str, dict]:
     try:
         items = read_items(data_file)
     except (DataFileError, OSError) as error:
-        raise EvaluationError(f"{data_file}: the run's DATA_FILE cannot be read ({error})") from None
+        raise EvaluationError(f"{data_file}: the run's records cannot be read ({error}); give them with "
+                              f"--records") from None
     return {q_id_of(item, index): item for index, (_, item) in enumerate(items) if isinstance(item, dict)}
 
 
@@ -73,11 +75,11 @@ def _top_iou(a: np.ndarray, b: np.ndarray, top_percent: float) -> float:
     return float(np.logical_and(*masks).sum() / union) if union else 0.0
 
 
-def study_scores(output_dir: Path, top_percent: float = 15.0) -> list[dict]:
+def study_scores(output_dir: Path, top_percent: float = 15.0, records: Path | None = None) -> list[dict]:
     """A row per study: its finding, variants, accuracy, consistency and map agreement."""
     output_dir = Path(output_dir)
     rows = outputs.read_manifest(output_dir, "score the robustness of")
-    records = _run_records(output_dir)
+    records = _run_records(output_dir, records)
     studies: dict[str, list[tuple[dict, dict]]] = {}
     for row in rows:
         record = records.get(row["q_id"])
@@ -111,17 +113,17 @@ def _bootstrap_per_study(values: np.ndarray, resamples: int, seed: int):
 
 
 def robustness(output_dir: Path, compare: Path | None = None, top_percent: float = 15.0, resamples: int = 2000,
-               seed: int = 0) -> dict:
+               seed: int = 0, records: Path | None = None) -> dict:
     """Score a run (and `compare`, another run on the same records) and write robustness.csv/json/md into
     `output_dir`; returns the summary."""
     output_dir = Path(output_dir)
-    scored = study_scores(output_dir, top_percent)
+    scored = study_scores(output_dir, top_percent, records)
     summary = {"run": str(output_dir), "studies": len(scored), "heatmaps": sum(s["variants"] for s in scored),
                "top_percent": top_percent, "bootstrap_resamples": resamples,
                "metrics": {name: dict(zip(("mean", "low", "high"), _bootstrap_per_study(
                    np.array([s[name] for s in scored]), resamples, seed))) for name in METRICS}}
     if compare is not None:
-        other = {s["study_id"]: s for s in study_scores(Path(compare), top_percent)}
+        other = {s["study_id"]: s for s in study_scores(Path(compare), top_percent, records)}
         paired = [(s, other[s["study_id"]]) for s in scored if s["study_id"] in other]
         if not paired:
             raise EvaluationError(f"{compare}: no study in common with {output_dir}")

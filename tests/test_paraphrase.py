@@ -114,8 +114,13 @@ def test_a_run_without_study_ids_or_raw_maps_gets_one_line(tmp_path):
     result = cli("robustness", run)
     assert result.returncode == 2 and "run it with SAVE_RAW_CAM=true" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    (run / "records.csv").write_text("image_path,question,answer\nx.png,Is there a nodule?,yes\n")
+    (run / "records.csv").rename(run / "moved.csv")
     result = cli("robustness", run)
+    assert result.returncode == 2 and "records.csv: the run's records cannot be read" in result.stderr
+    assert "give them with --records" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "run it with SAVE_RAW_CAM=true" in cli("robustness", run, "--records", run / "moved.csv").stderr
+    (run / "moved.csv").write_text("image_path,question,answer\nx.png,Is there a nodule?,yes\n")
+    result = cli("robustness", run, "--records", run / "moved.csv")
     assert result.returncode == 2 and "has no study_id" in result.stderr
 
 
