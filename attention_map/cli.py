@@ -61,16 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
-    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub:<id> of a CLIP-like model (default {DEFAULT_MODEL}) or hf:<id> of a "
-                       "generative VLM")
+    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub:<id> of a CLIP-like model (default "
+                       f"{DEFAULT_MODEL}) or hf:<id> of a generative VLM")
     fetch.add_argument("folder", type=Path)
 
     make = commands.add_parser("make-test-model", help="write a model folder with random weights, offline")
     make.add_argument("folder", type=Path)
     make.add_argument("--arch", default="tiny", help="CLIP-like: biomedclip, tiny, tiny-resnet; classifiers: "
                       "timm-resnet, timm-vit, torchvision-densenet, xrv-densenet, zone-resnet (six zones x 4 classes); "
-                      "detectors: fcos, retinanet, fasterrcnn, ssdlite, tiny-fcos, yolo (needs ultralytics); generative VLMs: "
-                      "llava, llava-next, gemma3")
+                      "detectors: fcos, retinanet, fasterrcnn, ssdlite, tiny-fcos, yolo (needs ultralytics); "
+                      "generative VLMs: llava, llava-next, gemma3")
     make.add_argument("--seed", type=int, default=0)
 
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "

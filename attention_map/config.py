@@ -28,6 +28,7 @@ DETECTOR_PREFIXES = ("torchvision-det:", "yolo:")
 DETECTOR_CONFIG = "detector_config.json"       # a local detector folder (see attention_map.models.detector)
 VLM_PREFIX = "hf:"                             # a transformers VLM on the hub (see attention_map.models.vlm)
 VLM_CONFIG = "config.json"                     # a local transformers VLM folder, as the hub has it
+LAYER_RANGE = r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?"   # one part of ATTENTION_LAYERS: an index, or a range a-b
 
 
 def model_kind(model: str) -> str:
@@ -98,11 +99,13 @@ class Settings:
                       f"{CLASSIFIER_CONFIG}; a detector: torchvision-det:<name>, yolo:<file.pt or name.yaml> or a "
                       f"folder with {DETECTOR_CONFIG}; a generative VLM (LLaVA-style, Gemma-3-style): hf:<id> or "
                       f"its folder (with {VLM_CONFIG})", "model")
-    MODEL_WEIGHTS: Path | None = _key(None, "a classifier's or detector's weights: a state_dict or a checkpoint holding one (.pt, "
-                                      ".pth, .safetensors); empty: the library's own weights", "file", optional=True)
+    MODEL_WEIGHTS: Path | None = _key(None, "a classifier's or detector's weights: a state_dict or a checkpoint "
+                                      "holding one (.pt, .pth, .safetensors); empty: the library's own weights",
+                                      "file", optional=True)
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
     PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
-                          "bf16, fp16; all but fp32 on cuda only; a VLM's weights: auto is bf16 on cuda", "choice", ("auto", "fp32", "tf32", "bf16", "fp16"))
+                          "bf16, fp16; all but fp32 on cuda only; a VLM's weights: auto is bf16 on cuda", "choice",
+                          ("auto", "fp32", "tf32", "bf16", "fp16"))
     # CAM
     CAM_VERSION: str = _key("gScoreCAM", "class-activation method (any case): gScoreCAM, ScoreCAM (gScoreCAM over "
                             "every channel), GradCAM, GradCAM++, XGradCAM, HiResCAM, LayerCAM, EigenCAM; a VLM's "
@@ -314,7 +317,7 @@ def _parse_value(name: str, raw: str, where: str):
                                  f"(make one with `attention-map fetch-model` or `make-test-model`)")
         return raw
     if kind == "layers":
-        if raw != "auto" and not re.fullmatch(r"\s*-?\d+\s*(-\s*-?\d+\s*)?(,\s*-?\d+\s*(-\s*-?\d+\s*)?)*", raw):
+        if raw != "auto" and not all(re.fullmatch(LAYER_RANGE, part) for part in raw.split(",")):
             raise ValueError(f"{where}: {name}={raw!r} is neither auto nor layer indices and ranges (e.g. 16-31 or "
                              f"-4,-1)")
         return raw

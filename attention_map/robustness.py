@@ -20,11 +20,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy.stats import rankdata
 
 from . import outputs
 from .evaluate import EvaluationError, cluster_bootstrap, read_raw_map
 from .records import DataFileError, q_id_of, read_items
+from .saliency import spearman
 from .shards import read_run_config
 
 METRICS = ("accuracy", "accuracy_p_yes", "consistency", "map_spearman", "map_iou_top")
@@ -64,11 +64,6 @@ def _pairwise(values: list, agree) -> float:
     return float(np.mean([agree(a, b) for a, b in pairs])) if pairs else float("nan")
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = rankdata(a.ravel()), rankdata(b.ravel())
-    return 0.0 if ra.std() == 0 or rb.std() == 0 else float(np.corrcoef(ra, rb)[0, 1])
-
-
 def _top_iou(a: np.ndarray, b: np.ndarray, top_percent: float) -> float:
     masks = [m >= np.quantile(m, 1 - top_percent / 100) for m in (a, b)]
     union = np.logical_or(*masks).sum()
@@ -103,13 +98,15 @@ def study_scores(output_dir: Path, top_percent: float = 15.0, records: Path | No
             accuracy=float(np.mean([a == t for a, t in zip(answers, truths)])),
             accuracy_p_yes=float(np.mean(by_p_yes)) if by_p_yes else float("nan"),
             consistency=_pairwise(answers, lambda a, b: float(a == b)),
-            map_spearman=_pairwise(maps, _spearman),
+            map_spearman=_pairwise(maps, spearman),
             map_iou_top=_pairwise(maps, lambda a, b: _top_iou(a, b, top_percent))))
     return scored
 
 
-def _bootstrap_per_study(values: np.ndarray, resamples: int, seed: int):
-    return cluster_bootstrap(values, np.arange(len(values)), resamples, seed)
+def _interval(values: list[float], resamples: int, seed: int) -> dict:
+    """Mean and 95% interval of one value per study, studies resampled (a study's variants together)."""
+    values = np.asarray(values, float)
+    return dict(zip(("mean", "low", "high"), cluster_bootstrap(values, np.arange(len(values)), resamples, seed)))
 
 
 def robustness(output_dir: Path, compare: Path | None = None, top_percent: float = 15.0, resamples: int = 2000,
@@ -120,8 +117,7 @@ def robustness(output_dir: Path, compare: Path | None = None, top_percent: float
     scored = study_scores(output_dir, top_percent, records)
     summary = {"run": str(output_dir), "studies": len(scored), "heatmaps": sum(s["variants"] for s in scored),
                "top_percent": top_percent, "bootstrap_resamples": resamples,
-               "metrics": {name: dict(zip(("mean", "low", "high"), _bootstrap_per_study(
-                   np.array([s[name] for s in scored]), resamples, seed))) for name in METRICS}}
+               "metrics": {name: _interval([s[name] for s in scored], resamples, seed) for name in METRICS}}
     if compare is not None:
         other = {s["study_id"]: s for s in study_scores(Path(compare), top_percent, records)}
         paired = [(s, other[s["study_id"]]) for s in scored if s["study_id"] in other]
@@ -129,10 +125,9 @@ def robustness(output_dir: Path, compare: Path | None = None, top_percent: float
             raise EvaluationError(f"{compare}: no study in common with {output_dir}")
         summary["compared_with"] = {
             "run": str(compare), "studies": len(paired),
-            "metrics": {name: dict(zip(("mean", "low", "high"), _bootstrap_per_study(
-                np.array([b[name] for _, b in paired]), resamples, seed))) for name in METRICS},
-            "difference": {name: dict(zip(("mean", "low", "high"), _bootstrap_per_study(
-                np.array([a[name] - b[name] for a, b in paired]), resamples, seed))) for name in METRICS}}
+            "metrics": {name: _interval([b[name] for _, b in paired], resamples, seed) for name in METRICS},
+            "difference": {name: _interval([a[name] - b[name] for a, b in paired], resamples, seed)
+                           for name in METRICS}}
     columns = list(scored[0]) if scored else ["study_id"]
     outputs.write_atomic(output_dir / "robustness.csv", outputs.csv_bytes(
         columns, [[f"{s[c]:.6g}" if isinstance(s[c], float) else str(s[c]) for c in columns] for s in scored]))

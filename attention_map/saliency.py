@@ -62,6 +62,11 @@ def cc(saliency: np.ndarray, truth: np.ndarray) -> float:
     return float((_standard(saliency) * _standard(truth)).mean())
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's correlation of the two maps (Pearson's of their ranks); 0 where either is constant."""
+    return cc(rankdata(np.ravel(a)), rankdata(np.ravel(b)))
+
+
 def sim(saliency: np.ndarray, truth: np.ndarray) -> float:
     """Similarity (histogram intersection) of the two maps as distributions: 1 identical, 0 disjoint."""
     return float(np.minimum(_distribution(saliency), _distribution(truth)).sum())

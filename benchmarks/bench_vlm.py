@@ -81,10 +81,7 @@ def _peak(call, device: torch.device) -> tuple[float, int]:
 def _naive(model: vlm.VisionLanguageModel, image: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """Eager attention and output_attentions=True on every layer, the question's rows over the image tokens sliced
     out of the chosen layers' weights."""
-    picture = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-    inputs, queries, _ = model._inputs(picture, QUESTION, 0)
-    inputs = inputs.to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.module.dtype)
+    inputs, queries = model.encode(image, QUESTION, 0)
     keys = (inputs["input_ids"][0] == model.image_token_id).nonzero()[:, 0]
     with torch.no_grad():
         attentions = model.module(**inputs, output_attentions=True, use_cache=False).attentions

@@ -37,10 +37,6 @@ def _picture(model, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).random((3, *size), dtype=np.float32))
 
 
-def _as_processor_input(image):
-    return (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-
-
 def _recompute(attention, hidden, position_embeddings, queries, keys):
     """The attention rows of one layer from its input, its own q/k projections and norms and its modelling module's
     rotary embedding, with a causal (and, for a sliding layer, windowed) mask written here."""
@@ -60,6 +56,16 @@ def _recompute(attention, hidden, position_embeddings, queries, keys):
     return weights[:, :, queries][..., keys]
 
 
+def _eager_attentions(model, inputs) -> tuple:
+    """Every layer's attention weights as transformers' eager attention gives them (output_attentions=True)."""
+    model.module.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            return model.module(**inputs, output_attentions=True).attentions
+    finally:
+        model.module.set_attn_implementation({"text_config": vlm.ATTENTION})
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms, arch):
     """The extracted rows equal the model's eager attention (output_attentions) and an independent recomputation
@@ -67,7 +73,7 @@ def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms
     model = _load(tiny_vlms, arch)
     image = _picture(model)
     layers = list(range(model.depth))
-    inputs, question_positions, _ = model._inputs(_as_processor_input(image), QUESTION, 0)
+    inputs, question_positions = model.encode(image, QUESTION, 0)
     assert model.processor.tokenizer.decode(inputs["input_ids"][0, question_positions]) == QUESTION
     bos = model.processor.tokenizer.bos_token_id    # one BOS, whether the chat template writes it (Gemma) or not
     assert inputs["input_ids"][0, 0] == bos and (inputs["input_ids"][0] == bos).sum() == 1
@@ -82,16 +88,14 @@ def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms
         lambda module, args, kwargs, i=i: seen.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None),
                                                                kwargs["position_embeddings"])), with_kwargs=True)
              for i, layer in enumerate(model.attention_layers)]
-    model.module.set_attn_implementation({"text_config": "eager"})
     try:
-        with torch.no_grad():
-            eager = model.module(**inputs, output_attentions=True).attentions
-            recomputed = torch.stack([_recompute(model.attention_layers[i], *seen[i], question_positions,
-                                                 image_positions)[0] for i in layers])
+        eager = _eager_attentions(model, inputs)
     finally:
-        model.module.set_attn_implementation({"text_config": vlm.ATTENTION})
         for hook in hooks:
             hook.remove()
+    with torch.no_grad():
+        recomputed = torch.stack([_recompute(model.attention_layers[i], *seen[i], question_positions,
+                                             image_positions)[0] for i in layers])
     expected = torch.stack([eager[i][0][:, question_positions][..., image_positions] for i in layers])
     assert reading.attention.shape == expected.shape
     assert torch.allclose(reading.attention, expected, atol=1e-5, rtol=0)
@@ -103,19 +107,14 @@ def test_attention_is_the_models_own_at_the_question_and_answer_tokens(tiny_vlms
     length = inputs["input_ids"].shape[1]
     with torch.no_grad():
         made = model.module.generate(**inputs, max_new_tokens=3, do_sample=False)[0, length:]
-    made = made[:(made == model.processor.tokenizer.eos_token_id).nonzero()[:1, 0].tolist()[0]] \
-        if (made == model.processor.tokenizer.eos_token_id).any() else made
+    stops = (made == model.processor.tokenizer.eos_token_id).nonzero()[:, 0]
+    made = made[:stops[0]] if len(stops) else made
     assert answered.answer == model.processor.tokenizer.decode(made, skip_special_tokens=True).strip()
     full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], made[None]], 1))
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     if "token_type_ids" in full:
         full["token_type_ids"] = torch.cat([full["token_type_ids"], torch.zeros_like(made[None])], 1)
-    model.module.set_attn_implementation({"text_config": "eager"})
-    try:
-        with torch.no_grad():
-            eager = model.module(**full, output_attentions=True).attentions
-    finally:
-        model.module.set_attn_implementation({"text_config": vlm.ATTENTION})
+    eager = _eager_attentions(model, full)
     answer_positions = torch.arange(length, length + len(made))
     expected = torch.stack([eager[i][0][:, answer_positions][..., image_positions] for i in layers])
     assert len(made) >= 1 and torch.allclose(answered.attention, expected, atol=1e-5, rtol=0)

@@ -17,5 +17,5 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {method.name: method for method in (
 # attention
 SCORE_METHODS = {name: method for name, method in CAM_METHODS.items() if method is not AttentionMap}
 
-__all__ = ["AttentionMap", "BaseCAM", "GradientCAM", "GridMap", "CAM_METHODS", "SCORE_METHODS", "EigenCAM", "GradCAM", "GradCAMPlusPlus", "GScoreCAM",
-           "HiResCAM", "LayerCAM", "ScoreCAM", "XGradCAM"]
+__all__ = ["AttentionMap", "BaseCAM", "GradientCAM", "GridMap", "CAM_METHODS", "SCORE_METHODS", "EigenCAM", "GradCAM",
+           "GradCAMPlusPlus", "GScoreCAM", "HiResCAM", "LayerCAM", "ScoreCAM", "XGradCAM"]

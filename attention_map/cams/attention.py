@@ -17,9 +17,10 @@ import re
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
+from ..config import LAYER_RANGE
 from ..models.base import ModelLoadError, Targets
+from ..saliency import spearman
 from ..timing import StageTimes
 from .base import BaseCAM, GridMap, grid_maps
 
@@ -33,7 +34,7 @@ def parse_layers(text: str, depth: int) -> list[int]:
         return list(range(depth // 2, depth))
     chosen = []
     for part in text.split(","):
-        match = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
+        match = re.fullmatch(LAYER_RANGE, part)
         if not match:
             raise ModelLoadError(f"ATTENTION_LAYERS={text}: {part.strip()!r} is neither an index nor a range a-b")
         first, last = (int(g) % depth if g is not None and -depth <= int(g) < depth else None
@@ -54,11 +55,8 @@ def combine(attention: torch.Tensor, heads: str) -> torch.Tensor:
 
 def similarities(cams: list[np.ndarray]) -> list[float]:
     """Each map's mean Spearman correlation with the others (NaN for a lone map; a flat map correlates 0)."""
-    ranks = [rankdata(cam.ravel()) for cam in cams]
-    def spearman(a, b):
-        return 0.0 if a.std() == 0 or b.std() == 0 else float(np.corrcoef(a, b)[0, 1])
-    return [float(np.mean([spearman(ranks[i], ranks[j]) for j in range(len(ranks)) if j != i]))
-            if len(ranks) > 1 else float("nan") for i in range(len(ranks))]
+    return [float(np.mean([spearman(cams[i], cams[j]) for j in range(len(cams)) if j != i]))
+            if len(cams) > 1 else float("nan") for i in range(len(cams))]
 
 
 class AttentionMap(BaseCAM):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import VLM_PREFIX
+
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # a VLM's config, processor, tokenizer, chat template and safetensors weights (not .bin copies of the same weights)
 VLM_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
@@ -24,8 +26,8 @@ def fetch_model(spec: str, folder: Path, snapshot_download=None, list_repo_files
 
         snapshot_download = snapshot_download or huggingface_hub.snapshot_download
         list_repo_files = list_repo_files or huggingface_hub.list_repo_files
-    if spec.startswith("hf:"):
-        repo_id = spec.removeprefix("hf:")
+    if spec.startswith(VLM_PREFIX):
+        repo_id = spec.removeprefix(VLM_PREFIX)
         if not any(name.endswith(".safetensors") for name in list_repo_files(repo_id)):
             raise FileNotFoundError(f"{repo_id} has no .safetensors weights")
         snapshot_download(repo_id=repo_id, local_dir=str(folder), allow_patterns=VLM_FILES)

@@ -140,9 +140,9 @@ def make_test_model(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
 
     from .tiny_vlm import TINY_VLM_ARCHS, make_tiny_vlm
 
-    if arch not in ARCHS and arch not in CLASSIFIER_ARCHS and arch not in DETECTOR_ARCHS and arch not in TINY_VLM_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of "
-                         f"{', '.join([*ARCHS, *CLASSIFIER_ARCHS, *DETECTOR_ARCHS, *TINY_VLM_ARCHS])}")
+    known = [*ARCHS, *CLASSIFIER_ARCHS, *DETECTOR_ARCHS, *TINY_VLM_ARCHS]
+    if arch not in known:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(known)}")
     go_offline()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Tiny generative vision-language models with random weights, built offline as hub-format folders (config.json,
-model.safetensors, the processor and its tokenizer), of the two architectures the `attention` maps read:
+model.safetensors, the processor and its tokenizer), of the architectures the `attention` maps read:
 
 - `llava`: `LlavaForConditionalGeneration`, a CLIP vision tower at 336 px with 14-px patches (a 24 x 24 grid of
   image tokens, CLS dropped, as llava-hf's LLaVA-1.5) and a Llama language model with grouped-query attention;
@@ -8,9 +8,9 @@ model.safetensors, the processor and its tokenizer), of the two architectures th
 - `gemma3`: `Gemma3ForConditionalGeneration`, a SigLIP tower whose 32 x 32 patches are pooled to Gemma 3's 16 x 16
   image tokens, and a Gemma 3 language model with sliding and full attention layers and q/k norms.
 
-The processors are transformers' own (`LlavaProcessor`, `Gemma3Processor`), so the image placeholder of the chat
-template is expanded into the image tokens exactly as for the real models. The tokenizer is a byte-level BPE trained
-here on a fixed text, so any question can be tokenised. The same seed writes the same bytes.
+The processors are transformers' own (`LlavaProcessor`, `LlavaNextProcessor`, `Gemma3Processor`), so the image
+placeholder of the chat template is expanded into the image tokens exactly as for the real models. The tokenizer is a
+byte-level BPE trained here on a fixed text, so any question can be tokenised. The same seed writes the same bytes.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def _gemma3(seed: int, text: dict):
 
 
 def build_vlm(arch: str, seed: int = 0, **text):
-    """(model, processor) of `arch` (llava or gemma3) with random weights; `text` replaces keys of the language
+    """(model, processor) of `arch` (one of TINY_VLM_ARCHS) with random weights; `text` replaces keys of the language
     model's config (a deeper or wider model for the benchmark)."""
     model, processor = {"llava": _llava, "llava-next": lambda seed, text: _llava(seed, text, tiled=True),
                          "gemma3": _gemma3}[arch](seed, text)
@@ -120,7 +120,7 @@ def build_vlm(arch: str, seed: int = 0, **text):
 
 
 def make_tiny_vlm(folder: Path, arch: str, seed: int = 0) -> Path:
-    """Write a tiny `arch` (llava or gemma3) with random weights (`seed`) into `folder`, as `save_pretrained`
+    """Write a tiny `arch` (one of TINY_VLM_ARCHS) with random weights (`seed`) into `folder`, as `save_pretrained`
     writes a hub model: `MODEL=<folder>` loads it as it would `hf:<id>`."""
     model, processor = build_vlm(arch, seed)
     folder = Path(folder)

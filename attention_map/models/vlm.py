@@ -16,21 +16,17 @@ not grow with the layers not chosen, nor with the square of the sequence.
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import VLM_PREFIX
 from ..maps import CAMError
 from .base import ModelAdapter, ModelLoadError, TargetError, Targets
 
-log = logging.getLogger(__name__)
-
-PREFIX = "hf:"
 ATTENTION = "attention_map_sdpa"   # the attention implementation the language model runs with
-QUERIES = ("question", "last", "generated")
 YES, NO = ("yes", "Yes", " yes", " Yes", "YES"), ("no", "No", " no", " No", "NO")
 
 
@@ -204,9 +200,18 @@ class VisionLanguageModel(ModelAdapter):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def encode(self, image: torch.Tensor, question: str, room: int):
+        """The processor's inputs for `question` about `image` (3, H, W) in [0, 1] (from `prepare`), on the model's
+        device and in its type, and the positions of the question's tokens (see `_inputs`)."""
+        picture = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        inputs, question_positions = self._inputs(picture, question, room)
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.module.dtype)
+        return inputs, question_positions
+
     def _inputs(self, picture: np.ndarray, question: str, room: int):
-        """The processor's inputs for `question` about `picture`, the positions of the question's tokens, and the
-        question as read: cut to the tokens that leave `room` in the context.
+        """The processor's inputs for `question` about `picture` and the positions of the question's tokens; the
+        question cut to the tokens that leave `room` in the context.
 
         The question's tokens are where the prompt's tokens differ from those of the same prompt with an empty
         question (the processor's output both times), so no template's layout is assumed."""
@@ -231,17 +236,14 @@ class VisionLanguageModel(ModelAdapter):
             cut = tokenizer.decode(ids[start:start + keep], skip_special_tokens=True)
             self._notes[question] = (f"question truncated to its first {keep} tokens to fit the model's context "
                                      f"of {self.context} tokens")
-            return self._inputs(picture, cut, room)[:2] + (cut,)
-        return inputs, torch.arange(start, max(end, start + 1)), question
+            return self._inputs(picture, cut, room)
+        return inputs, torch.arange(start, max(end, start + 1))
 
     def read(self, image: torch.Tensor, question: str, layers: list[int], query: str,
              max_new_tokens: int) -> Reading:
         """The model's reading of `question` about `image` (3, H, W) in [0, 1] (from `prepare`): its attention at
         `layers` from the `query` tokens to the image tokens, its greedy answer and P(yes)."""
-        picture = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        inputs, question_positions, _ = self._inputs(picture, question, max_new_tokens)
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.module.dtype)
+        inputs, question_positions = self.encode(image, question, max_new_tokens)
         ids = inputs["input_ids"]
         image_positions, grid = self.map_tokens(inputs, (ids[0] == self.image_token_id).nonzero()[:, 0])
         length = ids.shape[1]
@@ -285,8 +287,8 @@ def load(spec: str, device: torch.device, precision: str = "auto", offline: bool
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     _register()
-    name = spec.removeprefix(PREFIX)
-    if not spec.startswith(PREFIX):
+    name = spec.removeprefix(VLM_PREFIX)
+    if not spec.startswith(VLM_PREFIX):
         name = str(Path(spec.removeprefix("local-dir:")).expanduser())
     dtype = torch.float32
     if device.type == "cuda":
