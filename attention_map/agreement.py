@@ -283,7 +283,7 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
         if scores["frame"]:
             by_clip.setdefault(scores["source_image"], []).append(scores)
     clips = {clip: {"frames": len({s["frame"] for s in members})} |
-             {name: float(np.nanmean([s[name] for s in members])) for name in names}
+             {name: _mean_of_values([s[name] for s in members]) for name in names}
              for clip, members in by_clip.items()}
     result = Agreement(len(table), len(set(films)), without,
                        f"{sigma:g} px" if sigma else "3% of each film's larger side",
@@ -291,3 +291,9 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     write_results(output_dir, "agreement", table, result, truth=str(truth_path), bootstrap_resamples=resamples,
                   seed=seed)
     return result
+
+
+def _mean_of_values(values: list[float]) -> float:
+    """The mean of a clip's frames where a metric has a value; NaN (no value) where no frame has one."""
+    values = [value for value in values if not np.isnan(value)]
+    return float(np.mean(values)) if values else float("nan")

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
@@ -54,7 +55,12 @@ def pytest_collection_finish(session):
     """When a retrain is among the tests that will run (after -k or -m have deselected theirs), it starts now (the
     toy model's, then the zone classifier's and the lesion detector's) in a process of its own on one thread, so that
     its minutes overlap the other tests, and the tests go on at a lower priority (nice 5), so that the retrain, the
-    longest single piece, keeps its core; its tests run last and wait for it."""
+    longest single piece, keeps its core; its tests run last and wait for it.
+
+    While it runs, the tests and the processes they start use one thread as well: two threads of PyTorch's OpenMP
+    pool sharing the one core the retrain leaves spin on each other (a convolution took 3x as long as on one thread),
+    which had made the tests' first half twice as slow. Once the retrain has finished, the next test gets the
+    default back (see pytest_runtest_setup)."""
     wanted = sorted({name for item in session.items for name in RETRAINS
                      if name in getattr(item, "fixturenames", ())})
     if wanted:
@@ -63,6 +69,20 @@ def pytest_collection_finish(session):
             [sys.executable, "-c", _RETRAIN, str(work), *wanted], cwd=REPO,
             stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT))
         os.nice(5)
+        _retrain.update(threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"))
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_runtest_setup(item):
+    """The default number of threads again, for the test process and its children, once the retrain is done."""
+    if "threads" in _retrain and _retrain["process"].poll() is not None:
+        torch.set_num_threads(_retrain.pop("threads"))
+        omp = _retrain.pop("omp")
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 def pytest_sessionfinish():

@@ -1,8 +1,6 @@
 """Classifier backbones (timm, torchvision, torchxrayvision, a classifier folder), TARGET_LAYER=auto by a dry forward,
 targets, the example configs and FALLBACK_CAM, through the public interfaces."""
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -23,6 +21,8 @@ from attention_map.outputs import read_csv
 from attention_map.plan import Job
 from attention_map.records import Prompt, Record
 from attention_map.synthetic import CHEST_ZONES
+
+from test_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -143,11 +143,6 @@ def test_zone_targets_score_the_predicted_class_of_their_zone(classifiers):
         model.targets([""], outputs)
 
 
-def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "attention_map", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.mark.parametrize("config, arch", [("timm_resnet", "timm-resnet"),
                                           ("torchvision_densenet", "torchvision-densenet"),
                                           ("xrv_densenet", "xrv-densenet"), ("csi_zones", "zone-resnet")])
@@ -156,7 +151,7 @@ def test_each_example_config_runs_offline_on_the_real_films(classifiers, cxr, tm
     model = (["MODEL_WEIGHTS=" + str(folder / "model.safetensors")] if config != "csi_zones"
              else [f"MODEL={folder}"])
     out = tmp_path / "out"
-    result = _cli("run", "--config", f"configs/examples/{config}.conf", f"IMAGE_ROOT={cxr}", f"OUTPUT_DIR={out}",
+    result = cli("run", "--config", f"configs/examples/{config}.conf", f"IMAGE_ROOT={cxr}", f"OUTPUT_DIR={out}",
                   "STOP_AFTER=1", "DEVICE=cpu", "OFFLINE=true", *model)
     assert result.returncode == 0, result.stderr
     rows = read_csv(out / "vqa_manifest.csv")
@@ -179,7 +174,7 @@ def test_csv_targets_and_unknown_targets(classifiers, cxr, tmp_path):
     data = tmp_path / "records.csv"
     data.write_text(f"image_path,target\n{films[0].name},left_sup\n{films[1].name},left_lung\n{films[1].name},\n")
     out = tmp_path / "out"
-    result = _cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={films[0].parent}", f"MODEL={classifiers['zone-resnet']}",
+    result = cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={films[0].parent}", f"MODEL={classifiers['zone-resnet']}",
                   f"OUTPUT_DIR={out}", "CAM_VERSION=HiResCAM", "DEVICE=cpu", "TARGETS=right_inf")
     assert result.returncode == 3, result.stderr
     rows = read_csv(out / "vqa_manifest.csv")
@@ -189,7 +184,7 @@ def test_csv_targets_and_unknown_targets(classifiers, cxr, tmp_path):
     assert len(errors) == 1 and errors[0]["row"] == "3" and errors[0]["stage"] == "record:target"
     assert "'left_lung'" in errors[0]["reason"]
     assert "right_sup, left_sup" in errors[0]["reason"]
-    bad = _cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={films[0].parent}", f"MODEL={classifiers['zone-resnet']}",
+    bad = cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={films[0].parent}", f"MODEL={classifiers['zone-resnet']}",
                f"OUTPUT_DIR={tmp_path / 'bad'}", "DEVICE=cpu", "TARGETS=apex")
     assert bad.returncode == 2 and "TARGETS: target 'apex'" in bad.stderr and not (tmp_path / "bad").exists()
 
@@ -202,7 +197,7 @@ def test_gradient_methods_explain_films_in_batches_and_a_rerun_redoes_a_batch_wh
     import shutil
 
     def run(out, batch, *extra):
-        return _cli("run", "--config", "configs/examples/timm_resnet.conf", f"IMAGE_ROOT={cxr}", f"OUTPUT_DIR={out}",
+        return cli("run", "--config", "configs/examples/timm_resnet.conf", f"IMAGE_ROOT={cxr}", f"OUTPUT_DIR={out}",
                     "STOP_AFTER=5", "DEVICE=cpu", "OFFLINE=true", "SAVE_RAW_CAM=true", f"BATCH_SIZE={batch}",
                     f"MODEL_WEIGHTS={classifiers['timm-resnet'] / 'model.safetensors'}", *extra)
 

@@ -1,15 +1,21 @@
 """The command line as a user runs it, on the real GEMeX-style records and films."""
+import contextlib
 import csv
 import hashlib
+import io
+import logging
 import os
+import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from attention_map.cli import main
 from attention_map.images import load_film
 from attention_map.models import load_model
 
@@ -18,9 +24,41 @@ from reference_gscorecam import reference_gscorecam
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "attention_map", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+def cli(*args, env=None, cwd=REPO, process=False):
+    """`attention-map ARGS` run from `cwd` with `env` added to the environment: its exit status, stdout and stderr
+    (the log lines included, as the command writes them).
+
+    It runs in this process, through the same `main` that the installed command calls, so that PyTorch and the
+    libraries are imported once for the session rather than once per call (seconds each, some 80 calls). Where
+    what is tested is read when a library is imported (the hub's address) or the command's own process matters,
+    `process=True` starts `python -m attention_map` instead; test_the_installed_command_runs_in_its_own_process
+    checks the two agree."""
+    args = [str(arg) for arg in args]
+    if process:
+        return subprocess.run([sys.executable, "-m", "attention_map", *args], cwd=cwd, capture_output=True,
+                              text=True, env={**os.environ, **(env or {})}, timeout=900)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    log = logging.StreamHandler(stderr)
+    log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    environ, folder = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    logging.getLogger().addHandler(log)   # pytest's own handlers on the root stop main's basicConfig adding one
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = main(args)
+            except SystemExit as stop:    # argparse's usage errors
+                status = stop.code if isinstance(stop.code, int) else 1
+            except Exception:             # as the interpreter would: the traceback, exit status 1
+                traceback.print_exc()
+                status = 1
+    finally:
+        logging.getLogger().removeHandler(log)
+        os.chdir(folder)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(["attention-map", *args], status, stdout.getvalue(), stderr.getvalue())
 
 
 def read_manifest(folder):
@@ -90,7 +128,8 @@ def test_default_hub_model_offline_fails_fast_with_advice(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # empty cache, nothing listening
     env.pop("HF_HUB_OFFLINE", None)
     # a guard against the hub client's retries (minutes), not a speed goal: the run stops at its first refusal
-    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"OUTPUT_DIR={out}", env=env, timeout=120)
+    result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"OUTPUT_DIR={out}", env=env,
+                 process=True)
     assert result.returncode == 2
     assert "fetch-model" in result.stderr and "MODEL=" in result.stderr
     assert not out.exists()
@@ -173,3 +212,36 @@ def test_cam_version_picks_the_method_and_the_manifest_says_which(tmp_path, tiny
     assert "0 masked forwards" in result.stdout             # a gradient method: one forward and backward per film
     rows = read_manifest(out)
     assert rows and {row["cam_method"] for row in rows} == {"HiResCAM"}
+
+
+def test_the_installed_command_runs_in_its_own_process_as_in_the_tests(tmp_path, tiny_model):
+    """The tests call the command's `main` in their own process (see cli); the installed `attention-map` must give
+    the same exit status, outputs, summary and log lines (figures aside) on a run with a failing record, and the same
+    one-line errors on a bad config."""
+    from attention_map.synthetic import write_demo_data
+
+    records = write_demo_data(tmp_path / "data", count=2, size=128)
+    with open(records, "a") as handle:
+        handle.write('{"image_path": "films/missing.png", "question": "q?", "answer": "a", "q_id": 0}\n')
+    command = Path(sys.executable).with_name("attention-map")
+
+    def masked(way, text):    # the output folders differ, and clock times, durations, rates and progress bars
+        return [re.sub(r"\d+(\.\d+)?", "N", line) for line in text.replace(str(tmp_path / way), "OUT").splitlines()
+                if "%|" not in line]
+
+    results = {}
+    for way in ("process", "tests"):
+        out = tmp_path / way
+        args = ("run", f"DATA_FILE={records}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}")
+        results[way] = (subprocess.run([command, *args], cwd=REPO, capture_output=True, text=True) if way == "process"
+                        else cli(*args))
+        assert results[way].returncode == 3, results[way].stderr
+        assert "2 heatmaps written, 1 failed" in results[way].stdout
+    for stream in ("stdout", "stderr"):
+        assert masked("process", getattr(results["process"], stream)) == masked("tests", getattr(results["tests"], stream))
+    assert (tmp_path / "process" / "vqa_manifest.csv").read_text() == (tmp_path / "tests" / "vqa_manifest.csv").read_text()
+
+    bad = ("run", f"DATA_FILE={records}", "TOPK=0", "OUTPT_DIR=x")
+    refused = subprocess.run([command, *bad], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == cli(*bad).returncode == 2
+    assert refused.stderr == cli(*bad).stderr and "did you mean OUTPUT_DIR?" in refused.stderr

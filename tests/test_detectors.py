@@ -2,8 +2,6 @@
 (topk, sum, one per detection), maps per detection with their own files and manifest rows, box renormalisation,
 detections.jsonl, several target layers averaged, the Explainer over a stream of frames, and the maps' meaning."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -21,13 +19,10 @@ from attention_map.models.lesion_detector import HELD_OUT, SHIPPED, check_lesion
 from attention_map.models.random_models import make_test_model
 from attention_map.outputs import read_csv
 
+from test_cli import cli
+
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "attention_map", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
 
 
 @pytest.fixture(scope="module")
