@@ -19,7 +19,7 @@ CXR = REPO.parent / "shared" / "data" / "cxr"
 
 # Retrains the toy model, the zone classifier and the lesion detector (those named in argv[2:]) from their recipes on
 # one CPU thread, or on the default number from a SIGUSR1 on (see _retrained), and checks them, writing the figures as
-# JSON to toy.json, zone.json and lesion.json in the folder argv[1]
+# JSON to toy.json, zones.json and lesions.json in the folder argv[1]
 _RETRAIN = """
 import json, signal, sys, torch
 from pathlib import Path
@@ -35,18 +35,14 @@ if "toy_retrain" in sys.argv:
     (work / "toy.json").write_text(json.dumps(check_toy_model(train_toy_model(work / "toy"), count=60)))
 if "zone_retrain" in sys.argv:
     zones = train_zone_model(work / "zones")
-    (work / "zone.json").write_text(json.dumps(check_zone_model(zones, count=40, methods=["GradCAM", "HiResCAM"])))
+    (work / "zones.json").write_text(json.dumps(check_zone_model(zones, count=40, methods=["GradCAM", "HiResCAM"])))
 if "lesion_retrain" in sys.argv:
     lesions = train_lesion_detector(work / "lesions")
-    (work / "lesion.json").write_text(json.dumps(check_lesion_detector(
+    (work / "lesions.json").write_text(json.dumps(check_lesion_detector(
         lesions, count=40, methods=["HiResCAM", "LayerCAM"], targets=("topk", "sum"))))
 """
 RETRAINS = ("toy_retrain", "zone_retrain", "lesion_retrain")
-# the toy model's retrain (most of the minutes) on a core of its own; the two short ones in the idle time the tests
-# leave on the other core, at the lowest priority
-RETRAIN_GROUPS = ((("toy_retrain",), 0), (("zone_retrain", "lesion_retrain"), 19))
-_retrains_running: list[dict] = []   # per process: names, process, work folder
-_threads: dict = {}                  # the test process's own, while the retrains run
+_retrain: dict = {}
 
 
 def _retrains(item) -> bool:
@@ -61,35 +57,33 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """When a retrain is among the tests that will run (after -k or -m have deselected theirs), it starts now, in a
-    process on one thread, so that its minutes overlap the other tests: the toy model's on a core of its own (the
-    tests go on at a lower priority, nice 5, so that it keeps it), the zone classifier's and the lesion detector's
-    at the lowest priority (nice 19), in what the tests leave idle. Their tests run last and wait for them.
+    """When a retrain is among the tests that will run (after -k or -m have deselected theirs), it starts now (the
+    toy model's, then the zone classifier's and the lesion detector's) in a process of its own on one thread, so that
+    its minutes overlap the other tests, and the tests go on at a lower priority (nice 5), so that the retrain, the
+    longest single piece, keeps its core; its tests run last and wait for it.
 
-    While they run, the tests and the processes they start use one thread as well: two threads of PyTorch's OpenMP
+    While it runs, the tests and the processes they start use one thread as well: two threads of PyTorch's OpenMP
     pool sharing the one core the retrain leaves spin on each other (a convolution took 3x as long as on one thread),
-    which had made the tests' first half twice as slow. Once the retrains have finished, the next test gets the
+    which had made the tests' first half twice as slow. Once the retrain has finished, the next test gets the
     default back (see pytest_runtest_setup)."""
-    wanted = {name for item in session.items for name in RETRAINS if name in getattr(item, "fixturenames", ())}
-    for names, niceness in RETRAIN_GROUPS:
-        names = [name for name in names if name in wanted]
-        if names:
-            work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
-            _retrains_running.append(dict(names=names, work=work, process=subprocess.Popen(
-                [sys.executable, "-c", _RETRAIN, str(work), *names], cwd=REPO, preexec_fn=lambda n=niceness: os.nice(n),
-                stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT)))
-    if _retrains_running:
+    wanted = sorted({name for item in session.items for name in RETRAINS
+                     if name in getattr(item, "fixturenames", ())})
+    if wanted:
+        work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
+        _retrain.update(work=work, process=subprocess.Popen(
+            [sys.executable, "-c", _RETRAIN, str(work), *wanted], cwd=REPO,
+            stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT))
         os.nice(5)
-        _threads.update(torch=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"))
+        _retrain.update(threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"))
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_runtest_setup(item):
-    """The default number of threads again, for the test process and its children, once the retrains are done."""
-    if _threads and all(retrain["process"].poll() is not None for retrain in _retrains_running):
-        torch.set_num_threads(_threads.pop("torch"))
-        omp = _threads.pop("omp")
+    """The default number of threads again, for the test process and its children, once the retrain is done."""
+    if "threads" in _retrain and _retrain["process"].poll() is not None:
+        torch.set_num_threads(_retrain.pop("threads"))
+        omp = _retrain.pop("omp")
         if omp is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
@@ -97,47 +91,41 @@ def pytest_runtest_setup(item):
 
 
 def pytest_sessionfinish():
-    for retrain in _retrains_running:
-        retrain["process"].kill()        # a session that ends early does not wait for it
-        retrain["process"].wait()
-        shutil.rmtree(retrain["work"], ignore_errors=True)
+    if _retrain:
+        _retrain["process"].kill()        # a session that ends early does not wait for it
+        _retrain["process"].wait()
+        shutil.rmtree(_retrain["work"], ignore_errors=True)
 
 
 def _retrained(name: str) -> dict:
-    """The figures of one retrained model. Its tests run last, so while it waits a retrain running alone gets every
-    core (its figures move a little with the number of threads, as between machines; the thresholds are the
-    recipe's)."""
-    retrain = next(r for r in _retrains_running if name in r["names"])
-    while retrain["process"].poll() is None:
-        running = [r for r in _retrains_running if r["process"].poll() is None]
-        alone = running[0] if len(running) == 1 else None
-        # a signal before the handler is in place would kill it
-        if alone is not None and not alone.get("every_core") and (alone["work"] / "listening").exists():
-            alone["process"].send_signal(signal.SIGUSR1)
-            alone["every_core"] = True
-        time.sleep(0.2)
-    if retrain["process"].returncode != 0:
-        pytest.fail(f"retraining {name} failed: {(retrain['work'] / 'log.txt').read_text()[-2000:]}")
-    return json.loads((retrain["work"] / f"{name.removesuffix('_retrain')}.json").read_text())
+    """The figures of one retrained model. Its tests run last, so the rest of the retrain gets every core (its
+    figures move a little with the number of threads, as between machines; the thresholds are the recipe's)."""
+    process, work = _retrain["process"], _retrain["work"]
+    while process.poll() is None and not (work / "listening").exists():   # a signal before the handler would kill it
+        time.sleep(0.1)
+    if process.poll() is None:
+        process.send_signal(signal.SIGUSR1)
+    if process.wait() != 0:
+        pytest.fail(f"retraining the shipped models failed: {(work / 'log.txt').read_text()[-2000:]}")
+    return json.loads((work / name).read_text())
 
 
 @pytest.fixture(scope="session")
 def toy_retrain() -> dict:
     """The figures of the toy model retrained from its recipe (started at collection, see above)."""
-    return _retrained("toy_retrain")
+    return _retrained("toy.json")
 
 
 @pytest.fixture(scope="session")
 def zone_retrain() -> dict:
-    """The figures of the zone classifier retrained from its recipe (started at collection, see above)."""
-    return _retrained("zone_retrain")
+    """The figures of the zone classifier retrained from its recipe (after the toy model, in the same process)."""
+    return _retrained("zones.json")
 
 
 @pytest.fixture(scope="session")
 def lesion_retrain() -> dict:
-    """The figures of the lesion detector retrained from its recipe (after the zone classifier, in the same
-    process)."""
-    return _retrained("lesion_retrain")
+    """The figures of the lesion detector retrained from its recipe (after the zone classifier, in the same process)."""
+    return _retrained("lesions.json")
 
 
 @pytest.fixture(scope="session")
