@@ -110,7 +110,8 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
         cam = method_class(adapter, layer, batch_size)
         maps = []
         for start in range(0, len(inputs), batch_size):
-            for image_maps in cam.explain_batch(inputs[start:start + batch_size], names):
+            batch = inputs[start:start + batch_size]
+            for image_maps in cam.explain_batch(batch, [names] * len(batch)):
                 maps.append([grid_to_image(grid_map.cam, size[::-1]) for grid_map in image_maps])
     return np.asarray(maps, dtype=np.float32)
 

@@ -142,8 +142,9 @@ class Settings:
                                     "choice", ("none", "relative"))
     MAX_NEW_TOKENS: int = _key(32, "a VLM's answer: at most this many tokens, greedy (0: no answer)", "int", low=0)
     BATCH_SIZE: int | None = _key(None, "images per forward pass: masked images (gScoreCAM, ScoreCAM; empty: 256 on "
-                                  "cuda, 64 on cpu), or films (the gradient methods, EigenCAM; empty: 64 on cuda, 4 "
-                                  "on cpu)", "int", low=1, optional=True)
+                                  "cuda, 64 on cpu; the masked images of 8 films on cuda, 1 on cpu, share full "
+                                  "forwards), or films (the gradient methods, EigenCAM; empty: 64 on cuda, 4 on cpu)",
+                                  "int", low=1, optional=True)
     WORKERS: int | None = _key(None, "post-processing processes (and up to 4 film decoders) working beside the "
                                "model (empty: the usable CPUs less one on cuda, 0 on cpu)", "int", low=0, optional=True)
     # Post-processing

@@ -28,11 +28,12 @@ def explain(model, cam, films: list[Film], jobs: list[list[Job]], fallback=None)
     detections), or a StageError("cam") where its maps could not be made. A job answered by several maps (one per
     detection) becomes one job per map (`plan.part_job`).
 
-    One `explain_batch` for the whole batch (gradient methods: one forward, one backward per target), over every
-    target any film of the batch asks for. Where `cam` cannot run (CAMError) the `fallback` method makes the maps,
+    One `explain_batch` for the whole batch, each film with its own targets (gradient methods: one forward, and one
+    backward for the films' first targets, one for their second, ...; gScoreCAM: their masked images in full
+    batches). Where `cam` cannot run (CAMError) the `fallback` method makes the maps,
     and their warning says so. Where the batch fails, each film is tried alone, so that a bad film costs only itself.
     """
-    names = list(dict.fromkeys(job.prompt.text for film_jobs in jobs for job in film_jobs))
+    names = [list(dict.fromkeys(job.prompt.text for job in film_jobs)) for film_jobs in jobs]
     try:
         with _stage("cam"):
             pixels = model.prepare_batch([film.pixels for film in films])

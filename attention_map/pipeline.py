@@ -159,12 +159,15 @@ def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
 
 
 def resolve_films_per_batch(cam, batch_size: int | None, device: torch.device, per_detection: bool = False) -> int:
-    """Films per forward: BATCH_SIZE for a method that explains a batch at once, else 1 (and 1 for maps per
-    detection, whose number differs between films). By default 64 on CUDA and 4 on the CPU, where larger batches
-    were slower (docs/benchmarks.md, films per forward)."""
+    """Films explained together: 1 for a method that explains one at a time, and for maps per detection, whose
+    number differs between films; else BATCH_SIZE where it counts films (the gradient methods), or the method's
+    default for the device (the gradient methods: 64 on CUDA and 4 on the CPU, where larger batches were slower;
+    gScoreCAM, whose films share full batches of masked images: 8 on CUDA, 1 on the CPU; docs/benchmarks.md)."""
     if not cam.batches_films or per_detection:
         return 1
-    return batch_size or (64 if device.type == "cuda" else 4)
+    if batch_size and cam.batch_size_counts_films:
+        return batch_size
+    return cam.films_per_batch.get(device.type, 1)
 
 
 class _Films(torch.utils.data.Dataset):
@@ -304,9 +307,10 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         log.info("the detection head reads %s (finest first); TARGET_LAYER=%s", ", ".join(model.head_inputs()),
                  cam.target_layer)
     workers = resolve_workers(settings.WORKERS, device)
+    films = f"{films_per_batch} film{'s' * (films_per_batch > 1)}"
     how = getattr(cam, "description", None) or (
-        f"{films_per_batch} film{'s' * (films_per_batch > 1)} per forward" if cam.batches_films
-        else f"batch size {cam.batch_size}") + f", {cam.precision} masked forwards"
+        f"{films} per forward" if cam.batches_films and cam.batch_size_counts_films
+        else f"{films} per batch of {cam.batch_size} masked images") + f", {cam.precision} masked forwards"
     log.info("model %s on %s, %s at %s%s, %s, %d workers", settings.MODEL, device, cam.name, cam.target_layer,
              f" (FALLBACK_CAM={fallback.name})" if fallback else "", how, workers)
 

@@ -6,6 +6,7 @@ figures are end to end: decode, gradient pass, masked forwards, body mask, CRF, 
 
     .venv/bin/python benchmarks/bench_gscorecam.py                      # 1 film x 5 prompts, k = 300, CRF off
     .venv/bin/python benchmarks/bench_gscorecam.py --films 8 --crf on   # more films, CRF on
+    .venv/bin/python benchmarks/bench_gscorecam.py --films 16 --films-per-batch 1,4,16   # films explained together
     .venv/bin/python benchmarks/bench_gscorecam.py --memory-check       # instead: peak RSS at 100 and 1,000 heatmaps
 
 (a) is the reference formulation as tests/reference_gscorecam.py writes it: one (image, prompt) at a time, fp32,
@@ -36,6 +37,7 @@ from attention_map.images import load_film  # noqa: E402
 from attention_map.models import load_model  # noqa: E402
 from attention_map.pipeline import resolve_device, run  # noqa: E402
 from attention_map.body_mask import body_mask  # noqa: E402
+from attention_map.cams import GScoreCAM  # noqa: E402
 from attention_map.postprocess import CRFParams, apply_mask, crf_refine  # noqa: E402
 from attention_map.render import overlay  # noqa: E402
 from attention_map.timing import StageTimes  # noqa: E402
@@ -217,6 +219,9 @@ def main() -> None:
     parser.add_argument("--compare-precisions", default="fp32,tf32,fp16,bf16",
                         help="on CUDA, PRECISION values to run on the reference films and compare with fp32")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known GPUs)")
+    parser.add_argument("--films-per-batch", default="1",
+                        help="also run the engine with gScoreCAM explaining this many films together (comma-separated;"
+                             " their masked images share full forwards), on the same films, against the default")
     args = parser.parse_args()
 
     if not (args.cxr / "nih").is_dir():
@@ -262,6 +267,18 @@ def main() -> None:
               f"(b's maps are read back from their 16-bit PNGs: quantisation step 1.5e-5)")
         print(f"ratio (a)/(b): image forwards per heatmap {results['a'][1] / results['b'][1]:.2f}x fewer; "
               f"heatmaps per second {results['b'][0] / results['a'][0]:.2f}x")
+    default_films = GScoreCAM.films_per_batch[device.type]
+    for films_per_batch in [int(n) for n in args.films_per_batch.split(",") if n and int(n) != default_films]:
+        GScoreCAM.films_per_batch = {**GScoreCAM.films_per_batch, device.type: films_per_batch}
+        try:
+            run_figures = engine_run(args.model, films, prompts, args.topk, args.crf == "on",
+                                     work / f"engine-{films_per_batch}-films", args.device, workers=args.workers)
+        finally:
+            GScoreCAM.films_per_batch = {**GScoreCAM.films_per_batch, device.type: default_films}
+        print(f"engine at {films_per_batch} films per batch: {run_figures['heatmaps'] / run_figures['seconds']:.3f} "
+              f"heatmaps/s, masked forwards {run_figures['stages'].get('masked forwards', 0):.1f} s; the default "
+              f"({default_films} films per batch) against it: {run_figures['seconds'] / figures['seconds']:.2f}x "
+              f"heatmaps/s")
     if device.type == "cuda":
         # Each PRECISION on the reference films against the engine's fp32 maps: speed and fidelity side by side.
         fp32_maps = None

@@ -108,12 +108,12 @@ def test_low_precision_reaches_the_masked_forwards_only(tiny_model, cxr):
     model = load_model(str(tiny_model), torch.device("cpu"))
     pixels = model.prepare(load_film(cxr / "nih" / "00000001_000.png"))
     exact, rounded = GScoreCAM(model, topk=8), GScoreCAM(model, topk=8, precision="bf16")
-    for got, expected in zip(rounded.activations_and_gradients(pixels, PROMPTS)[:2],
-                             exact.activations_and_gradients(pixels, PROMPTS)[:2]):
+    for got, expected in zip(rounded.activations_and_gradients(pixels, [PROMPTS])[:2],
+                             exact.activations_and_gradients(pixels, [PROMPTS])[:2]):
         assert torch.equal(got, expected)
     assert rounded.scores == exact.scores
-    activations = exact.activations_and_gradients(pixels, PROMPTS)[0][0]
-    channels = torch.arange(8)
+    activations = exact.activations_and_gradients(pixels, [PROMPTS])[0]
+    channels = [torch.arange(8)]
     fp32, bf16 = (cam.masked_outputs(pixels, activations, channels) for cam in (exact, rounded))
     assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.05)
 
@@ -149,3 +149,69 @@ def test_scores_that_overflow_are_taken_as_zero_and_counted_in_the_warning(tiny_
         dropped = int(result.warning.split(" of ")[0]) if "not finite" in result.warning else 0
         assert 1 <= dropped <= 4 and "of 16 masked-image scores were not finite at PRECISION=fp32" in result.warning
         assert not np.allclose(result.cam, before.cam)
+
+
+FILMS = ["00000001_000.png", "00000129_000.png", "00001369_000.png"]
+QUESTIONS = [PROMPTS, ["opacity in the right lower lung"], ["Is there a pleural effusion?", *PROMPTS]]
+
+
+@pytest.mark.parametrize("method", ["gScoreCAM", "GradCAM", "ScoreCAM"])
+def test_a_batch_of_films_each_with_its_own_prompts_gives_each_film_its_own_maps(tiny_model, cxr, method):
+    """Films explained together, each asking its own prompts (one, two or three), get the maps, targets and scores
+    they get alone, and no map of another film's prompt."""
+    from attention_map.cams import CAM_METHODS
+
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    inputs = [model.prepare(load_film(cxr / "nih" / name)) for name in FILMS]
+    options = {"topk": 8} if method == "gScoreCAM" else {}
+    alone = [CAM_METHODS[method](model, batch_size=16, **options).explain(pixels, names)
+             for pixels, names in zip(inputs, QUESTIONS)]
+    together = CAM_METHODS[method](model, batch_size=16, **options).explain_batch(torch.cat(inputs), QUESTIONS)
+    assert [[m.target for m in maps] for maps in together] == QUESTIONS
+    for batch_maps, film_maps in zip(together, alone):
+        for got, expected in zip(batch_maps, film_maps):
+            assert expected.cam.max() > 0 and np.abs(got.cam - expected.cam).max() <= 1e-5 * expected.cam.max()
+            assert got.score == pytest.approx(expected.score, abs=1e-5)
+
+
+def test_the_masked_images_of_a_batch_of_films_fill_every_forward(tiny_model, cxr):
+    """gScoreCAM's masked forwards run on from one film's masked images to the next: every forward but the last
+    holds BATCH_SIZE images, where one film at a time leaves each film's last forward part empty."""
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    pixels = torch.cat([model.prepare(load_film(cxr / "nih" / name)) for name in FILMS])
+    cam = GScoreCAM(model, topk=8, batch_size=16)
+    sizes, forward = [], model.forward
+    model.forward = lambda batch: (sizes.append(len(batch)), forward(batch))[1]
+    cam.explain_batch(pixels, QUESTIONS)
+    gradient_pass, masked = sizes[0], sizes[1:]
+    assert gradient_pass == len(FILMS) and sum(masked) == cam.masked_forwards > 2 * 16
+    assert masked[:-1] == [16] * (len(masked) - 1) and len(masked) == -(-cam.masked_forwards // 16)
+
+
+def test_a_run_explaining_films_together_writes_the_maps_of_one_film_at_a_time(tiny_model, cxr, tmp_path,
+                                                                               monkeypatch):
+    """The run with gScoreCAM's films batched (8 by default on CUDA; 3 here, so that a batch ends before the
+    last film) gives each heatmap the map, score and row of a run that explains one film at a time."""
+    import cv2
+
+    from test_cli import REPO, cli, read_manifest
+
+    def run(films_per_batch):
+        monkeypatch.setitem(GScoreCAM.films_per_batch, "cpu", films_per_batch)
+        out = tmp_path / str(films_per_batch)
+        result = cli("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}", "TOPK=16",
+                     f"OUTPUT_DIR={out}", "PROMPT_SOURCE=both", "SAVE_RAW_CAM=true", "STOP_AFTER=7", "DEVICE=cpu")
+        assert result.returncode == 0, result.stderr
+        return out, read_manifest(out), result.stderr
+
+    together, rows, log = run(3)
+    assert "3 films per batch of 64 masked images" in log
+    alone, alone_rows, alone_log = run(1)
+    assert "1 film per batch of 64 masked images" in alone_log
+    assert len(rows) == len(alone_rows) >= 7 and len({row["image_path"] for row in rows}) > 3
+    for row, expected in zip(rows, alone_rows):
+        assert (row["image_path"], row["question"]) == (expected["image_path"], expected["question"])
+        assert abs(float(row["score"]) - float(expected["score"])) < 1e-5
+        maps = [cv2.imread(str(folder / r["raw_map"]), cv2.IMREAD_UNCHANGED).astype(int)
+                for folder, r in ((together, row), (alone, expected))]
+        assert np.abs(maps[0] - maps[1]).max() <= 2      # of 65535

@@ -38,9 +38,8 @@ class BaseCAM(ABC):
 
     name = "base"
     needs_gradients = True   # False: the method weights the activations alone, and the backward is skipped
-    # True: `explain_batch` explains a batch of inputs at once (the run batches films), and the gradient pass starts
-    # its autograd graph at the target layer, not the input (gScoreCAM's maps stay as they were made)
-    batches_films = False
+    batches_films = False    # True (BatchCAM): `explain_batch` explains a batch of inputs at once (the run batches films)
+    batch_size_counts_films = False   # BATCH_SIZE: films per forward (True), or masked images per forward
 
     def __init__(self, model: ModelAdapter, target_layer: str = "auto", batch_size: int = 64,
                  precision: str = "fp32"):
@@ -98,9 +97,9 @@ class BaseCAM(ABC):
         """Keep the target layer's output while the block runs; the hook is removed after it, unless `hold` keeps
         it for many calls.
 
-        With `batches_films` the output goes on as a copy that starts the autograd graph afresh: the gradients are
-        wanted at this layer only, so nothing before it need record what a backward would use (every earlier layer's
-        activations, for each input of a batch). The copy is what the model reads on, in-place changes included."""
+        The output goes on as a copy that starts the autograd graph afresh: the gradients are wanted at this layer
+        only, so nothing before it need record what a backward would use (every earlier layer's activations, for each
+        input of a batch). The copy is what the model reads on, in-place changes included."""
         if self._held is not None:
             self._held[0].clear()
             yield self._held[0]
@@ -114,7 +113,7 @@ class BaseCAM(ABC):
 
     def _keeper(self, store: dict):
         def keep(module, args, output):
-            if self.batches_films and isinstance(output, torch.Tensor):
+            if isinstance(output, torch.Tensor):
                 output = output.detach().requires_grad_(True).clone()
             store["out"] = output
             return output
@@ -133,32 +132,36 @@ class BaseCAM(ABC):
             self._held[1].remove()
             self._held = None
 
-    def activations_and_gradients(self, pixels: torch.Tensor, names: list[str]):
-        """One forward of a batch of B inputs and one backward per target, in fp32 always.
+    def activations_and_gradients(self, pixels: torch.Tensor, names: list[list[str]]):
+        """One forward of a batch of B inputs and one backward per target, in fp32 always; `names`: each input's own.
 
         Returns the activations (B, C, h, w) and the gradients (B, Q, C, h, w) on the patch grid, the targets of each
         input (what depends on the input, such as the predicted class, is fixed by its own outputs) and their scores
-        (B, Q). The first input's labels and scores are kept for `explain`. Inputs do not mix in eval mode, so the
-        gradient of a target's scores summed over the batch is each input's own. The map is a sum of these
-        activations, which can nearly cancel, so they are not autocast: one forward per film is cheap next to the
-        masked forwards, which are.
+        (B, Q), where Q is the most targets of an input: an input with fewer has zeros after its own. The first
+        input's labels and scores are kept for `explain`. Inputs do not mix in eval mode, so the gradient of the
+        q-th target's scores summed over the batch is each input's own, whatever each input's q-th target is. The
+        map is a sum of these activations, which can nearly cancel, so they are not autocast: one forward per film
+        is cheap next to the masked forwards, which are.
         """
         with self._capture() as store, torch.enable_grad():
-            outputs = self.model.forward(pixels if self.batches_films else pixels.detach().clone().requires_grad_())
-            targets = [self.model.targets(names, outputs[i:i + 1].detach()) for i in range(len(pixels))]
-            scores = torch.cat([t.score(outputs[i:i + 1]) for i, t in enumerate(targets)])   # (B, Q)
+            outputs = self.model.forward(pixels)
+            targets = [self.model.targets(image_names, outputs[i:i + 1].detach())
+                       for i, image_names in enumerate(names)]
+            most = max(len(t.labels) for t in targets)
+            scores = torch.cat([torch.nn.functional.pad(t.score(outputs[i:i + 1]), (0, most - len(t.labels)))
+                                for i, t in enumerate(targets)])   # (B, Q)
             output = store.get("out")
             if not isinstance(output, torch.Tensor):
                 raise CAMError(f"TARGET_LAYER={self.target_layer} " + ("did not run in the model's forward"
                                if output is None else f"gives a {type(output).__name__}, not a tensor"))
-            gradients = self._gradients(scores, output, targets[0].labels) if self.needs_gradients else None
-        self.targets, self.scores = targets[0], scores[0].detach().float().cpu().tolist()
+            labels = max((t.labels for t in targets), key=len)
+            gradients = self._gradients(scores, output, labels) if self.needs_gradients else None
+        self.targets, self.scores = targets[0], scores[0, :len(targets[0].labels)].detach().float().cpu().tolist()
         try:
             activations = self.model.activations_to_grid(output.detach().float())
             gradients = (torch.stack([self.model.activations_to_grid(g.float()) for g in gradients], dim=1)
                          if gradients is not None else
-                         torch.zeros(len(pixels), len(targets[0].labels), *activations.shape[1:],
-                                     device=activations.device))
+                         torch.zeros(len(pixels), most, *activations.shape[1:], device=activations.device))
         except ValueError as error:
             raise CAMError(f"TARGET_LAYER={self.target_layer}: {error}") from None
         return activations, gradients, targets, scores.detach()
@@ -184,36 +187,53 @@ class BaseCAM(ABC):
         self.targets, self.scores = Targets(list(names), None), [float("nan")] * len(names)   # set by the pass
         return grid_maps(self.explain_grid(pixels, names), self.notes, self.targets, self.scores, names)
 
-    def explain_batch(self, pixels: torch.Tensor, names: list[str]) -> list[list[GridMap]]:
-        """`explain` for each of a batch of inputs (B, C, H, W); a method that can do the batch at once does."""
-        return [self.explain(pixels[i:i + 1], names) for i in range(len(pixels))]
+    def explain_batch(self, pixels: torch.Tensor, names: list[list[str]]) -> list[list[GridMap]]:
+        """`explain` for each of a batch of inputs (B, C, H, W), `names` each input's own; a method that can do the
+        batch at once does (`BatchCAM`)."""
+        return [self.explain(pixels[i:i + 1], image_names) for i, image_names in enumerate(names)]
 
     @abstractmethod
     def explain_grid(self, pixels: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         """ReLU'd maps (h, w) on the patch grid, one per target; calls `activations_and_gradients` once."""
 
 
-class GradientCAM(BaseCAM):
+class BatchCAM(BaseCAM):
+    """A method that explains a batch of films at once: one forward of the batch and one backward per target (the
+    films' q-th targets together), then the method's own part (`explain_inputs`)."""
+
+    batches_films = True
+    films_per_batch = {"cuda": 64, "cpu": 4}   # films explained together where BATCH_SIZE does not say
+    batch_size_counts_films = True
+
+    def explain_grid(self, pixels, names):
+        cams, notes, _, _ = self.explain_inputs(pixels, [names])
+        self.notes = notes[0]
+        return cams[0]
+
+    def explain_batch(self, pixels, names):
+        cams, notes, targets, scores = self.explain_inputs(pixels, names)
+        return [grid_maps(image_cams, image_notes, image_targets,
+                          image_scores[:len(image_targets.labels)].float().cpu().tolist(), image_names)
+                for image_cams, image_notes, image_targets, image_scores, image_names
+                in zip(cams, notes, targets, scores, names)]
+
+    @abstractmethod
+    def explain_inputs(self, pixels: torch.Tensor, names: list[list[str]]):
+        """For each input: its ReLU'd maps (h, w) on the patch grid, one per target, and what the method has to say
+        about them by their place; and the targets and scores of `activations_and_gradients`."""
+
+
+class GradientCAM(BatchCAM):
     """A method that combines the target layer's activations with the gradients of a target's score: one forward
     and one backward per target, no masked forwards. Subclasses implement `combine`."""
 
-    batches_films = True
-
-    def explain_grid(self, pixels, names):
-        return self._maps(pixels, names)[0][0]
-
-    def explain_batch(self, pixels, names):
-        """One forward and one backward per target for the whole batch."""
-        maps, targets, scores = self._maps(pixels, names)
-        return [grid_maps(image_maps, {}, image_targets, image_scores.float().cpu().tolist(), names)
-                for image_maps, image_targets, image_scores in zip(maps, targets, scores)]
-
-    def _maps(self, pixels, names):
+    def explain_inputs(self, pixels, names):
         with self.times("gradient pass"):
             activations, gradients, targets, scores = self.activations_and_gradients(pixels, names)
-            maps = [[torch.relu(self.combine(image_activations, target_gradients)) for target_gradients in
-                     image_gradients] for image_activations, image_gradients in zip(activations, gradients)]
-        return maps, targets, scores
+            maps = [[torch.relu(self.combine(image_activations, target_gradients))
+                     for target_gradients in image_gradients[:len(image_targets.labels)]]
+                    for image_activations, image_gradients, image_targets in zip(activations, gradients, targets)]
+        return maps, [{} for _ in maps], targets, scores
 
     @abstractmethod
     def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,14 @@ from .base import BaseCAM, GridMap
 
 
 class LayerAverage:
-    """Duck-types the BaseCAM the run uses (name, target_layer, batches_films, batch_size, precision, times,
-    masked_forwards, explain_batch) over one method per layer."""
+    """Duck-types the BaseCAM the run uses (name, target_layer, batches_films, batch_size_counts_films, batch_size,
+    precision, times, masked_forwards, explain_batch) over one method per layer."""
 
     def __init__(self, methods: list[BaseCAM]):
         self.methods = methods
         first = methods[0]
         self.name, self.batches_films, self.precision = first.name, first.batches_films, first.precision
+        self.batch_size_counts_films = first.batch_size_counts_films
         self.target_layer = ",".join(method.target_layer for method in methods)
 
     @property
@@ -52,7 +53,7 @@ class LayerAverage:
         return [[average(layer_maps) for layer_maps in zip(*image_maps)] for image_maps in zip(*per_layer)]
 
     def explain(self, pixels, names) -> list[GridMap]:
-        return self.explain_batch(pixels, names)[0]
+        return self.explain_batch(pixels, [names])[0]
 
 
 def average(maps: list[GridMap]) -> GridMap:
