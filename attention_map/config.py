@@ -123,6 +123,9 @@ class Settings:
                                "classes] output), e.g. right_sup,left_sup,right_mid,left_mid,right_inf,left_inf",
                                "list")
     TOPK: int = _key(300, "gScoreCAM: channels kept per prompt, ranked by mean gradient", "int", low=1)
+    COMPILE: bool = _key(False, "gScoreCAM, ScoreCAM: true: the masked forwards run the model through torch.compile "
+                         "(one shape: a short last batch is padded to BATCH_SIZE; needs a C/C++ compiler); it did not "
+                         "pay on the CPU (docs/benchmarks.md)", "bool")
     DETECTION_TARGET: str = _key("topk", "a detector's maps explain: topk (the strongest class scores of the head), "
                                  "sum (every score: diffuse maps) or box (one map per detection, <name>_det<j>_<class>"
                                  ".png)", "choice", ("topk", "sum", "box"))

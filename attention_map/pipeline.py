@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -111,6 +112,22 @@ def make_cam(name: str, model, settings: Settings, device: torch.device):
     method = CAM_METHODS[name]
     return on_layers(method, model, settings.TARGET_LAYER, resolve_batch_size(settings.BATCH_SIZE, device),
                      resolve_precision(settings.PRECISION, device), **method.options(settings))
+
+
+def check_compiler(settings: Settings, device: torch.device) -> None:
+    """COMPILE=true needs the compiler that torch.compile builds its kernels with: C++ for the CPU, C for Triton's
+    launchers on CUDA (the container image has none); and a method with masked forwards."""
+    if not settings.COMPILE:
+        return
+    if "compile" not in CAM_METHODS[settings.CAM_VERSION].options(settings):
+        log.warning("COMPILE=true applies to the masked forwards of gScoreCAM and ScoreCAM only; %s runs eagerly",
+                    settings.CAM_VERSION)
+        return
+    names = ("g++", "c++", "clang++") if device.type == "cpu" else ("gcc", "cc", "clang")
+    if not any(shutil.which(name) for name in names):
+        raise ConfigError([f"COMPILE=true: torch.compile needs a {'C++' if device.type == 'cpu' else 'C'} compiler "
+                           f"({', '.join(names)}) on PATH and none was found (the container image has none): "
+                           f"install one or set COMPILE=false"])
 
 
 def check_targets(model, targets: tuple[str, ...]) -> None:
@@ -297,6 +314,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         log.warning("%d heatmaps in %s were made with other settings and are made again",
                     progress.other_settings, settings.OUTPUT_DIR)
 
+    check_compiler(settings, device)
     model = load_model(settings.MODEL, device, settings.OFFLINE, settings.MODEL_WEIGHTS, settings.TARGET_NAMES,
                        settings.SCORE_THRESHOLD, settings.TOPK_OUTPUTS, settings.PRECISION)
     check_targets(model, settings.TARGETS)

@@ -31,7 +31,7 @@ FOLDER = "shards"
 _NOT_IN_FINGERPRINT = {"RESULTS_ROOT", "DATA_FILE", "IMAGE_ROOT", "OUTPUT_DIR", "PROMPT_SOURCE", "STOP_AFTER",
                        "MAX_IMAGE_PIXELS", "FRAME_STRIDE", "MAX_FRAMES", "ALLOW_OUTSIDE_IMAGE_ROOT", "RESUME",
                        "OVERWRITE", "FAIL_FAST", "SHARD_INDEX", "SHARD_COUNT", "DEVICE", "BATCH_SIZE", "WORKERS",
-                       "CONTAINER", "CONTAINER_IMAGE", "OFFLINE"}
+                       "CONTAINER", "CONTAINER_IMAGE", "OFFLINE", "COMPILE"}
 
 
 class IncompleteError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Seconds spent per stage of a run (decode, gradient pass, masked forwards, body mask, CRF, render, PNG write).
+"""Seconds spent per stage of a run (decode, gradient pass, compile, masked forwards, body mask, CRF, render, PNG
+write).
 
 Stages that run in worker processes add up their own time, so the sum can exceed the wall-clock time: that overlap
 is the point of the workers.
@@ -10,7 +11,7 @@ import threading
 import time
 from collections import defaultdict
 
-STAGES = ("decode", "gradient pass", "masked forwards", "body mask", "crf", "render", "png write")
+STAGES = ("decode", "gradient pass", "compile", "masked forwards", "body mask", "crf", "render", "png write")
 
 
 class StageTimes:

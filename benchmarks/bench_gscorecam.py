@@ -7,6 +7,7 @@ figures are end to end: decode, gradient pass, masked forwards, body mask, CRF, 
     .venv/bin/python benchmarks/bench_gscorecam.py                      # 1 film x 5 prompts, k = 300, CRF off
     .venv/bin/python benchmarks/bench_gscorecam.py --films 8 --crf on   # more films, CRF on
     .venv/bin/python benchmarks/bench_gscorecam.py --films 16 --films-per-batch 1,4,16   # films explained together
+    .venv/bin/python benchmarks/bench_gscorecam.py --films 16 --skip-reference --compile  # COMPILE=true too
     .venv/bin/python benchmarks/bench_gscorecam.py --memory-check       # instead: peak RSS at 100 and 1,000 heatmaps
 
 (a) is the reference formulation as tests/reference_gscorecam.py writes it: one (image, prompt) at a time, fp32,
@@ -108,7 +109,8 @@ def reference_run(model, films, prompts, topk, crf_on, out: Path, device):
     return dict(heatmaps=len(maps), seconds=seconds, forwards=forwards, stages=times.ordered()), maps
 
 
-def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, precision="auto", workers=None):
+def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, precision="auto", workers=None,
+               compile=False):
     """(b): the pipeline, as a user runs it, on records naming the same films and prompts."""
     records = out / "records.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,7 @@ def engine_run(model_dir, films, prompts, topk, crf_on, out: Path, device_name, 
                                          "q_id": q}) + "\n")
     settings = Settings(DATA_FILE=records, IMAGE_ROOT=films[0].parent.parent, OUTPUT_DIR=out / "maps", MODEL=str(model_dir), WORKERS=workers,
                         DEVICE=device_name, PRECISION=precision, TOPK=topk, SKIP_CRF=not crf_on, SAVE_RAW_CAM=True,
-                        OVERWRITE=True)
+                        OVERWRITE=True, COMPILE=compile)
     summary = run(settings)
     if summary.failures:
         raise SystemExit(f"the engine failed on {summary.failures} items: see {summary.errors_file}")
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--compare-precisions", default="fp32,tf32,fp16,bf16",
                         help="on CUDA, PRECISION values to run on the reference films and compare with fp32")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run the engine with COMPILE=true on the same films, against the default")
     parser.add_argument("--films-per-batch", default="1",
                         help="also run the engine with gScoreCAM explaining this many films together (comma-separated;"
                              " their masked images share full forwards), on the same films, against the default")
@@ -277,8 +281,18 @@ def main() -> None:
             GScoreCAM.films_per_batch = {**GScoreCAM.films_per_batch, device.type: default_films}
         print(f"engine at {films_per_batch} films per batch: {run_figures['heatmaps'] / run_figures['seconds']:.3f} "
               f"heatmaps/s, masked forwards {run_figures['stages'].get('masked forwards', 0):.1f} s; the default "
-              f"({default_films} films per batch) against it: {run_figures['seconds'] / figures['seconds']:.2f}x "
-              f"heatmaps/s")
+              f"({default_films} film{'s' * (default_films > 1)} per batch) against it: "
+              f"{run_figures['seconds'] / figures['seconds']:.2f}x heatmaps/s")
+    if args.compile:
+        run_figures = engine_run(args.model, films, prompts, args.topk, args.crf == "on", work / "engine-compiled",
+                                 args.device, workers=args.workers, compile=True)
+        stages = run_figures["stages"]
+        print(f"engine with COMPILE=true: {run_figures['heatmaps'] / run_figures['seconds']:.3f} heatmaps/s, "
+              f"compile {stages.get('compile', 0):.1f} s, masked forwards {stages.get('masked forwards', 0):.1f} s "
+              f"against {figures['stages'].get('masked forwards', 0):.1f} s eager "
+              f"({figures['stages'].get('masked forwards', 0) / max(stages.get('masked forwards', 0), 1e-9):.2f}x)")
+        compiled_maps = engine_maps(work / "engine-compiled", reference_films, prompts)
+        print(f"    |compiled - eager|: {_differences(maps, compiled_maps)}")
     if device.type == "cuda":
         # Each PRECISION on the reference films against the engine's fp32 maps: speed and fidelity side by side.
         fp32_maps = None

@@ -19,7 +19,7 @@ def _bench(script: str, *args) -> str:
 def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, cxr, tmp_path):
     # 40 films from a folder of fewer repeat under new names; the reference runs on the first 2
     out = _bench("bench_gscorecam.py", "--model", tiny_model, "--topk", "8", "--prompts", "3", "--films", "40",
-                 "--reference-films", "2", "--work", tmp_path)
+                 "--reference-films", "2", "--work", tmp_path, "--films-per-batch", "3", "--compile")
     assert "(a) reference, per prompt" in out and "(b) engine, as a user runs it" in out
     assert out.count("seconds per stage: decode") == 2 and "masked forwards" in out and "png write" in out
     assert "40 films (2 for the reference) x 3 prompts" in out
@@ -28,6 +28,11 @@ def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, 
     assert float(difference.group(1)) <= 1e-4 and difference.group(2, 3) == ("0", "6")
     fewer = float(re.search(r"image forwards per heatmap ([0-9.]+)x fewer", out).group(1))
     assert fewer > 1.0     # three prompts share their masked forwards
+    assert re.search(r"engine at 3 films per batch: [0-9.]+ heatmaps/s, .* the default \(1 film per batch\) "
+                     r"against it: [0-9.]+x", out)
+    assert re.search(r"engine with COMPILE=true: [0-9.]+ heatmaps/s, compile [0-9.]+ s, masked forwards", out)
+    compiled = re.search(r"\|compiled - eager\|: max ([0-9.e+-]+), .* (\d+) of (\d+) maps differ", out)
+    assert float(compiled.group(1)) <= 1e-4 and compiled.group(2, 3) == ("0", "6")
 
 
 def test_body_mask_benchmark_reports_lungs_background_letters_and_time(cxr):

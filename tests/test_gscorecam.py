@@ -215,3 +215,39 @@ def test_a_run_explaining_films_together_writes_the_maps_of_one_film_at_a_time(t
         maps = [cv2.imread(str(folder / r["raw_map"]), cv2.IMREAD_UNCHANGED).astype(int)
                 for folder, r in ((together, row), (alone, expected))]
         assert np.abs(maps[0] - maps[1]).max() <= 2      # of 65535
+
+
+def test_compiled_masked_forwards_see_one_shape_and_give_the_eager_maps(tiny_model, cxr):
+    """COMPILE=true: the masked forwards go through torch.compile, each batch padded to BATCH_SIZE (one shape, one
+    compilation), and the maps are the eager ones."""
+    from attention_map.config import Settings
+
+    assert GScoreCAM.options(Settings(COMPILE=True))["compile"] is True
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    pixels = model.prepare(load_film(cxr / "nih" / "00000001_000.png"))
+    cam = GScoreCAM(model, topk=8, batch_size=16, compile=True)
+    shapes, compiled = [], cam.compiled
+    cam.compiled = lambda batch: (shapes.append(len(batch)), compiled(batch))[1]
+    maps = cam.explain(pixels, PROMPTS)
+    assert cam.masked_forwards % 16 and shapes == [16] * (1 + -(-cam.masked_forwards // 16))   # 1: compiling
+    assert list(cam.times.ordered()) == ["gradient pass", "compile", "masked forwards"]
+    for got, expected in zip(maps, GScoreCAM(model, topk=8, batch_size=16).explain(pixels, PROMPTS)):
+        assert np.abs(got.cam - expected.cam).max() <= 1e-5 * expected.cam.max()
+
+
+def test_compile_without_a_compiler_stops_the_run_before_it_writes(tiny_model, cxr, tmp_path, monkeypatch):
+    """torch.compile builds kernels with the machine's compiler: without one (as in the container image) the run
+    stops at once, naming the key; a method with no masked forwards runs eagerly and says so."""
+    import shutil
+
+    from test_cli import REPO, cli
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    args = ("run", "--config", REPO / "configs/gemex/exp_01_vqa.conf", f"MODEL={tiny_model}", "COMPILE=true",
+            "DEVICE=cpu", "STOP_AFTER=1")
+    refused = cli(*args, f"OUTPUT_DIR={tmp_path / 'refused'}")
+    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+    assert "COMPILE=true: torch.compile needs a C++ compiler (g++, c++, clang++) on PATH" in refused.stderr
+    eager = cli(*args, f"OUTPUT_DIR={tmp_path / 'gradcam'}", "CAM_VERSION=GradCAM")
+    assert eager.returncode == 0, eager.stderr
+    assert "COMPILE=true applies to the masked forwards of gScoreCAM and ScoreCAM only; GradCAM runs" in eager.stderr

@@ -52,6 +52,7 @@ class BaseCAM(ABC):
         self.times = StageTimes()  # the run replaces it with its own, to report seconds per stage
         self._oom_reported = False
         self._held = None          # (store, hook handle) while `hold` keeps the hook
+        self.compiled = None       # the model's forward through torch.compile, for `forward_in_batches`
 
     @staticmethod
     def options(settings) -> dict:
@@ -62,14 +63,20 @@ class BaseCAM(ABC):
         """The model's outputs for `make_batch(start, stop)` for start in 0..count by BATCH_SIZE, concatenated.
 
         On CUDA out-of-memory the batch size is halved for the rest of the run and the batch retried; at batch
-        size 1 the error goes to the caller (the item fails).
+        size 1 the error goes to the caller (the item fails). Through the compiled forward a short batch is padded
+        with zeros to BATCH_SIZE (inputs do not mix in eval mode), so that one shape is compiled once.
         """
         outputs, start = [], 0
         while start < count:
             stop = min(start + self.batch_size, count)
             try:
                 with self.fast_math():
-                    outputs.append(self.model.forward(make_batch(start, stop)).float())
+                    batch = make_batch(start, stop)
+                    if self.compiled is None:
+                        outputs.append(self.model.forward(batch).float())
+                    else:
+                        padded = torch.cat([batch, batch.new_zeros(self.batch_size - len(batch), *batch.shape[1:])])
+                        outputs.append(self.compiled(padded)[:len(batch)].float())
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise

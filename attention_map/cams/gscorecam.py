@@ -23,13 +23,17 @@ class GScoreCAM(BatchCAM):
     films_per_batch = {"cuda": 8, "cpu": 1}   # see docs/benchmarks.md, films per batch
     batch_size_counts_films = False           # it counts masked images
 
-    def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int = 300):
+    def __init__(self, model, target_layer="auto", batch_size=64, precision="fp32", topk: int = 300,
+                 compile: bool = False):
         super().__init__(model, target_layer, batch_size, precision)
         self.topk = topk
+        if compile:   # the masked forwards only: the gradient pass, with its hook and backward, stays eager
+            self.compiled = torch.compile(model.forward)
+        self._compiling = compile
 
     @staticmethod
     def options(settings) -> dict:
-        return {"topk": settings.TOPK}
+        return {"topk": settings.TOPK, "compile": settings.COMPILE}
 
     def channel_masks(self, grids: torch.Tensor) -> torch.Tensor:
         """(U, 1, H, W) masks from (U, h, w) channels: each upsampled bilinear (align_corners=True) and scaled to
@@ -59,6 +63,10 @@ class GScoreCAM(BatchCAM):
         unions = [torch.unique(film_kept) for film_kept in kept]   # sorted
         log.debug("%d films keep %s channels: %d masked forwards", len(unions), [len(u) for u in unions],
                   sum(len(u) for u in unions))
+        if self._compiling:   # the first compiled forward compiles: its time is a stage of its own
+            with torch.inference_mode(), self.times("compile"):
+                self.forward_in_batches(1, lambda start, stop: torch.zeros_like(pixels[:1]))
+            self._compiling = False
         cams, notes = [], []
         with torch.inference_mode(), self.times("masked forwards"):
             outputs = self.masked_outputs(pixels.detach(), activations, unions)
