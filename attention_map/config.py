@@ -103,8 +103,8 @@ class Settings:
                                       "holding one (.pt, .pth, .safetensors); empty: the library's own weights",
                                       "file", optional=True)
     DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
-    PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (tf32 on cuda, fp32 on cpu), fp32, tf32, "
-                          "bf16, fp16; all but fp32 on cuda only; a VLM's weights: auto is bf16 on cuda", "choice",
+    PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (fp32), fp32, tf32, bf16, fp16; all "
+                          "but fp32 on cuda only; a VLM's weights: auto is bf16 on cuda", "choice",
                           ("auto", "fp32", "tf32", "bf16", "fp16"))
     # CAM
     CAM_VERSION: str = _key("gScoreCAM", "class-activation method (any case): gScoreCAM, ScoreCAM (gScoreCAM over "
