@@ -15,18 +15,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
 
-# Retrains the models named in argv[2:] (toy_retrain, zone_retrain, lesion_retrain) from their recipes on two CPU
-# threads, as the shipped models were trained, and checks them, writing the figures as JSON to toy.json, zones.json
-# and lesions.json in the folder argv[1]. Two threads from start to end, whatever else runs: a model's bytes depend on
-# the number of threads, and a retrain whose threads changed part way (when the other tests ended) gave other bytes,
-# and other figures, on each run; on one thread the toy model missed other_side by one prompt of 120 (0.642).
+# Retrains the models named in argv[2:] (toy_retrain, zone_retrain, lesion_retrain), one after the other, from their
+# recipes on two CPU threads, as the shipped models were trained, and checks them, writing the figures as JSON to
+# toy.json, zones.json and lesions.json in the folder argv[1] (and its log to log.txt there). Two threads from start
+# to end, whatever else runs: a model's bytes depend on the number of threads, and a retrain whose threads changed
+# part way (when the other tests ended) gave other bytes, and other figures, on each run; on one thread the toy model
+# missed other_side by one prompt of 120 (0.642).
 _RETRAIN = """
-import json, sys, torch
+import json, logging, sys, torch
 from pathlib import Path
 from attention_map.models.lesion_detector import check_lesion_detector, train_lesion_detector
 from attention_map.models.toy import check_toy_model, train_toy_model
 from attention_map.models.zones import check_zone_model, train_zone_model
 torch.set_num_threads(2)
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 work = Path(sys.argv[1])
 if "toy_retrain" in sys.argv:
     (work / "toy.json").write_text(json.dumps(check_toy_model(train_toy_model(work / "toy"), count=60)))
@@ -53,22 +55,11 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: (_retrains(item), item.path.name != "test_cluster.py"))
 
 
-def _start(name: str, retrains: list[str]) -> None:
-    """A retrain process for `retrains`, its figures in a folder of its own."""
-    work = Path(tempfile.mkdtemp(prefix=f"attention-map-{name}-"))
-    # passive: a thread that waits for the other sleeps rather than spins on the core the tests share
-    process = subprocess.Popen([sys.executable, "-c", _RETRAIN, str(work), *retrains], cwd=REPO,
-                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-                               stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT)
-    _retrain.update({retrain: (process, work) for retrain in retrains})
-
-
 def pytest_collection_finish(session):
-    """When a retrain is among the tests that will run (after -k or -m have deselected theirs), the toy model's, the
-    longest single piece, starts now in a process of its own, so that its minutes overlap the other tests, and the
-    tests go on at a lower priority (nice 5), so that it keeps the cores it can; the retrain tests run last.
-    The zone classifier's and the lesion detector's start when the first retrain test is reached, in a second
-    process on the core the other tests leave (beside them, they had slowed the tests by 10 to 25%).
+    """When a retrain is among the tests that will run (after -k or -m have deselected theirs), they start now, one
+    after the other in one process (the toy model's, the longest single piece, first), so that their minutes overlap
+    the other tests, and the tests go on at a lower priority (nice 5), so that the retrain keeps the cores it can;
+    the retrain tests run last.
 
     While a retrain runs, the tests and the processes they start use one thread: two threads of PyTorch's OpenMP
     pool sharing a core with the retrain spin on each other (a convolution took 3x as long as on one thread), which
@@ -76,27 +67,27 @@ def pytest_collection_finish(session):
     wanted = sorted({name for item in session.items for name in RETRAINS
                      if name in getattr(item, "fixturenames", ())}, key=RETRAINS.index)
     if wanted:
-        _retrain["later"] = [name for name in wanted if name != "toy_retrain"]
-        if "toy_retrain" in wanted:
-            _start("toy-retrain", ["toy_retrain"])
+        work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
+        # passive: a thread that waits for the other sleeps rather than spins on the core the tests share
+        process = subprocess.Popen([sys.executable, "-c", _RETRAIN, str(work), *wanted], cwd=REPO,
+                                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                                   stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT)
+        _retrain.update(process=process, work=work)
         os.nice(5)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_sessionfinish():
-    for process, work in {value for key, value in _retrain.items() if key in RETRAINS}:
-        process.kill()        # a session that ends early does not wait for it
-        process.wait()
-        shutil.rmtree(work, ignore_errors=True)
+    if _retrain:
+        _retrain["process"].kill()        # a session that ends early does not wait for it
+        _retrain["process"].wait()
+        shutil.rmtree(_retrain["work"], ignore_errors=True)
 
 
 def _retrained(name: str) -> dict:
-    """The figures of one retrained model. Its tests run last: the first of them starts the retrains not started
-    yet, then each waits for its own."""
-    if _retrain.get("later"):
-        _start("retrain", _retrain.pop("later"))
-    process, work = _retrain[name]
+    """The figures of one retrained model, once the retrain process has made them all."""
+    process, work = _retrain["process"], _retrain["work"]
     if process.wait() != 0:
         pytest.fail(f"retraining the shipped models failed: {(work / 'log.txt').read_text()[-2000:]}")
     return json.loads((work / {"toy_retrain": "toy.json", "zone_retrain": "zones.json",
@@ -111,7 +102,7 @@ def toy_retrain() -> dict:
 
 @pytest.fixture(scope="session")
 def zone_retrain() -> dict:
-    """The figures of the zone classifier retrained from its recipe (started with the first retrain test)."""
+    """The figures of the zone classifier retrained from its recipe (after the toy model's, in its process)."""
     return _retrained("zone_retrain")
 
 

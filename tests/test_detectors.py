@@ -123,6 +123,7 @@ def test_the_shipped_lesion_detector_finds_the_lesions_and_topk_maps_sit_on_them
                                             targets=("topk", "sum")))
 
 
+@pytest.mark.slow
 def test_a_retrain_of_the_lesion_detector_recipe_meets_the_same_floors(lesion_retrain):
     _meets_the_floors(lesion_retrain)
 

@@ -56,7 +56,7 @@ def test_eigencam_ignores_the_target_and_gradient_methods_do_not():
 
 @pytest.mark.slow
 def test_a_retrain_with_the_shipped_recipe_meets_the_goal(zone_retrain):
-    """The recipe, retrained on one CPU thread (other bytes than the shipped model's, made on two): its outputs find
+    """The recipe, retrained on two CPU threads as the shipped model was (conftest.py): its outputs find
     the lesions and GradCAM and HiResCAM point at the named zone at least 0.8 of the time, on the first 40 films. The
     recipe is seed-sensitive (docs/methods.md), so this floor is the goal, not the shipped model's figures."""
     assert min(zone_retrain["auroc"].values()) >= AUROC_FLOOR, zone_retrain["auroc"]
