@@ -28,7 +28,8 @@ from attention_map.models.lesion_detector import check_lesion_detector, train_le
 from attention_map.models.toy import check_toy_model, train_toy_model
 from attention_map.models.zones import check_zone_model, train_zone_model
 torch.set_num_threads(2)
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+logging.getLogger("attention_map").setLevel(logging.INFO)   # its steps, not open_clip's loading chatter
 work = Path(sys.argv[1])
 if "toy_retrain" in sys.argv:
     (work / "toy.json").write_text(json.dumps(check_toy_model(train_toy_model(work / "toy"), count=60)))
