@@ -66,7 +66,7 @@ def pytest_collection_finish(session):
     pool sharing a core with the retrain spin on each other (a convolution took 3x as long as on one thread), which
     had made the tests' first half twice as slow."""
     wanted = sorted({name for item in session.items for name in RETRAINS
-                     if name in getattr(item, "fixturenames", ())}, key=RETRAINS.index)
+                     if name in getattr(item, "fixturenames", ())})
     if wanted:
         work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
         # passive: a thread that waits for the other sleeps rather than spins on the core the tests share
@@ -87,30 +87,29 @@ def pytest_sessionfinish():
 
 
 def _retrained(name: str) -> dict:
-    """The figures of one retrained model, once the retrain process has made them all."""
+    """The figures of one retrained model (its file `name`), once the retrain process has made them all."""
     process, work = _retrain["process"], _retrain["work"]
     if process.wait() != 0:
         pytest.fail(f"retraining the shipped models failed: {(work / 'log.txt').read_text()[-2000:]}")
-    return json.loads((work / {"toy_retrain": "toy.json", "zone_retrain": "zones.json",
-                               "lesion_retrain": "lesions.json"}[name]).read_text())
+    return json.loads((work / name).read_text())
 
 
 @pytest.fixture(scope="session")
 def toy_retrain() -> dict:
     """The figures of the toy model retrained from its recipe (started at collection, see above)."""
-    return _retrained("toy_retrain")
+    return _retrained("toy.json")
 
 
 @pytest.fixture(scope="session")
 def zone_retrain() -> dict:
     """The figures of the zone classifier retrained from its recipe (after the toy model's, in its process)."""
-    return _retrained("zone_retrain")
+    return _retrained("zones.json")
 
 
 @pytest.fixture(scope="session")
 def lesion_retrain() -> dict:
     """The figures of the lesion detector retrained from its recipe (after the zone classifier, in its process)."""
-    return _retrained("lesion_retrain")
+    return _retrained("lesions.json")
 
 
 @pytest.fixture(scope="session")
