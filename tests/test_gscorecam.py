@@ -118,14 +118,38 @@ def test_low_precision_reaches_the_masked_forwards_only(tiny_model, cxr):
     assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.05)
 
 
-def test_tf32_sets_the_matmul_precision_inside_the_masked_forwards_only(tiny_model):
+@pytest.mark.parametrize("precision, inside", [("tf32", ("high", True)), ("fp32", ("highest", False))])
+def test_the_precision_sets_matmul_and_cudnn_tf32_inside_the_masked_forwards_only(tiny_model, precision, inside):
+    """fp32 means fp32 for cuDNN's convolutions too (PyTorch's default runs them in TF32); the flags come back after."""
+    def flags():
+        return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    cam = GScoreCAM(model, topk=8, precision=precision)
+    torch.backends.cudnn.allow_tf32 = not inside[1]     # the opposite of what the block must set
+    try:
+        before, seen = flags(), []
+        cam.forward_in_batches(2, lambda start, stop: seen.append(flags()) or torch.zeros(stop - start, 3,
+                                                                                         *model.image_size))
+        assert seen == [inside] and flags() == before
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def test_the_gradient_pass_runs_in_full_fp32_whatever_the_precision(tiny_model):
     model = load_model(str(tiny_model), torch.device("cpu"))
     cam = GScoreCAM(model, topk=8, precision="tf32")
-    before = torch.get_float32_matmul_precision()
     seen = []
-    cam.forward_in_batches(2, lambda start, stop: seen.append(torch.get_float32_matmul_precision())
-                           or torch.zeros(stop - start, 3, *model.image_size))
-    assert seen == ["high"] and torch.get_float32_matmul_precision() == before
+    hook = cam.layer.register_forward_hook(lambda *_: seen.append((torch.get_float32_matmul_precision(),
+                                                                   torch.backends.cudnn.allow_tf32)))
+    try:
+        torch.set_float32_matmul_precision("high")
+        cam.activations_and_gradients(torch.zeros(1, 3, *model.image_size), [PROMPTS[:1]])
+        assert seen == [("highest", False)]
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        hook.remove()
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_scores_that_overflow_are_taken_as_zero_and_counted_in_the_warning(tiny_model, cxr):

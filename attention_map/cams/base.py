@@ -91,13 +91,11 @@ class BaseCAM(ABC):
         return torch.cat(outputs)
 
     def fast_math(self):
-        """The masked forwards' arithmetic: bf16/fp16 autocast, or fp32 matrix products on TF32 tensor cores."""
+        """The masked forwards' arithmetic: bf16/fp16 autocast, or fp32 on TF32 tensor cores or in full."""
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             return torch.autocast(self.model.device.type, dtype=dtype)
-        if self.precision == "tf32":
-            return _matmul_precision("high")
-        return contextlib.nullcontext()
+        return _fp32_math(tf32=self.precision == "tf32")
 
     @contextlib.contextmanager
     def _capture(self):
@@ -150,7 +148,7 @@ class BaseCAM(ABC):
         map is a sum of these activations, which can nearly cancel, so they are not autocast: one forward per film
         is cheap next to the masked forwards, which are.
         """
-        with self._capture() as store, torch.enable_grad():
+        with self._capture() as store, torch.enable_grad(), _fp32_math(tf32=False):
             outputs = self.model.forward(pixels)
             targets = [self.model.targets(image_names, outputs[i:i + 1].detach())
                        for i, image_names in enumerate(names)]
@@ -267,11 +265,15 @@ def grid_maps(cams: list[torch.Tensor], notes: dict[int, str], targets: Targets,
 
 
 @contextlib.contextmanager
-def _matmul_precision(level: str):
-    """torch's float32 matmul precision ("high": TF32) inside the block, restored after it."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(level)
+def _fp32_math(tf32: bool):
+    """fp32 matrix products and cuDNN convolutions on TF32 tensor cores (`tf32`) or in full fp32 inside the block,
+    restored after it. Both flags: PyTorch's defaults run cuDNN's convolutions in TF32 while its matrix products
+    are full fp32, so a convolutional model on CUDA would otherwise not be computed in the fp32 that is asked."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
