@@ -118,38 +118,44 @@ def test_low_precision_reaches_the_masked_forwards_only(tiny_model, cxr):
     assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.05)
 
 
-@pytest.mark.parametrize("precision, inside", [("tf32", ("high", True)), ("fp32", ("highest", False))])
-def test_the_precision_sets_matmul_and_cudnn_tf32_inside_the_masked_forwards_only(tiny_model, precision, inside):
-    """fp32 means fp32 for cuDNN's convolutions too (PyTorch's default runs them in TF32); the flags come back after."""
-    def flags():
-        return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+def _tf32_flags() -> tuple[str, bool]:
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
 
+
+@pytest.fixture
+def keep_tf32_flags():
+    """The global TF32 flags as they were before the test, whatever it sets."""
+    matmul, cudnn = _tf32_flags()
+    yield
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@pytest.mark.parametrize("precision, inside", [("tf32", ("high", True)), ("fp32", ("highest", False))])
+def test_the_precision_sets_matmul_and_cudnn_tf32_inside_the_masked_forwards_only(tiny_model, keep_tf32_flags,
+                                                                                   precision, inside):
+    """fp32 means fp32 for cuDNN's convolutions too (PyTorch's default runs them in TF32); the flags come back after."""
     model = load_model(str(tiny_model), torch.device("cpu"))
     cam = GScoreCAM(model, topk=8, precision=precision)
     torch.backends.cudnn.allow_tf32 = not inside[1]     # the opposite of what the block must set
-    try:
-        before, seen = flags(), []
-        cam.forward_in_batches(2, lambda start, stop: seen.append(flags()) or torch.zeros(stop - start, 3,
-                                                                                         *model.image_size))
-        assert seen == [inside] and flags() == before
-    finally:
-        torch.backends.cudnn.allow_tf32 = True
+    before, seen = _tf32_flags(), []
+    cam.forward_in_batches(2, lambda start, stop: seen.append(_tf32_flags()) or torch.zeros(stop - start, 3,
+                                                                                           *model.image_size))
+    assert seen == [inside] and _tf32_flags() == before
 
 
-def test_the_gradient_pass_runs_in_full_fp32_whatever_the_precision(tiny_model):
+def test_the_gradient_pass_runs_in_full_fp32_whatever_the_precision(tiny_model, keep_tf32_flags):
     model = load_model(str(tiny_model), torch.device("cpu"))
     cam = GScoreCAM(model, topk=8, precision="tf32")
     seen = []
-    hook = cam.layer.register_forward_hook(lambda *_: seen.append((torch.get_float32_matmul_precision(),
-                                                                   torch.backends.cudnn.allow_tf32)))
+    hook = cam.layer.register_forward_hook(lambda *_: seen.append(_tf32_flags()))
     try:
         torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
         cam.activations_and_gradients(torch.zeros(1, 3, *model.image_size), [PROMPTS[:1]])
-        assert seen == [("highest", False)]
-        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
     finally:
         hook.remove()
-        torch.set_float32_matmul_precision("highest")
+    assert seen == [("highest", False)] and _tf32_flags() == ("high", True)
 
 
 def test_scores_that_overflow_are_taken_as_zero_and_counted_in_the_warning(tiny_model, cxr):
