@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     toy.add_argument("folder", type=Path)
     toy.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/toy.py)")
     toy.add_argument("--seed", type=int, help="seed of the weights and the training films (default: the recipe's)")
+    toy.add_argument("--films", type=int, help="training films drawn (default: the recipe's)")
     toy.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and check (the "
                      "figures depend on it, as on the number of CPU threads)")
     toy.add_argument("--check-films", type=int, default=60, help="held-out films to check it on (0: none)")
@@ -141,17 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-toy-model":
         import torch
 
-        from .models.toy import SEED, STEPS, check_toy_model, is_current, train_toy_model
+        from .models.toy import FILMS, SEED, STEPS, TooFewFilms, check_toy_model, is_current, train_toy_model
 
         if args.device == "cuda" and not torch.cuda.is_available():
             print("attention-map: --device cuda but no CUDA device is visible", file=sys.stderr)
             return EXIT_CONFIG
         steps = STEPS if args.steps is None else args.steps
         seed = SEED if args.seed is None else args.seed
-        if not args.force and is_current(args.folder, steps, seed):
+        films = FILMS if args.films is None else args.films
+        if not args.force and is_current(args.folder, steps, seed, films):
             log.info("%s already holds the toy model of this recipe (--force trains it again)", args.folder)
             return 0
-        folder = train_toy_model(args.folder, steps, seed, device=args.device)
+        try:
+            folder = train_toy_model(args.folder, steps, seed, films, device=args.device)
+        except TooFewFilms as error:
+            print(f"attention-map: --films: {error}", file=sys.stderr)
+            return EXIT_CONFIG
         log.info("wrote the toy model to %s (use MODEL=%s)", folder, folder)
         if args.check_films:
             figures = check_toy_model(folder, args.check_films, device=args.device)

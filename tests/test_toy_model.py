@@ -101,16 +101,23 @@ def test_pipeline_with_the_toy_model_keeps_the_corner_letters_cold(tmp_path, toy
 def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     from safetensors.torch import load_file
 
-    from attention_map.models.toy import is_current
+    from attention_map.cli import _parser
+    from attention_map.models.toy import SEED, is_current, made_by
 
     folder = tmp_path / "toy"
-    first = cli("train-toy-model", folder, "--steps", "2", "--check-films", "0")
+    few = ("--steps", "2", "--films", "200", "--check-films", "0")     # 200 films: a few of each caption
+    first = cli("train-toy-model", folder, *few)
     assert first.returncode == 0, first.stderr
-    assert is_current(folder, steps=2) and not is_current(folder) and "step 2/2" in first.stderr
+    assert is_current(folder, steps=2, films=200) and not is_current(folder, steps=2) and "step 2/2" in first.stderr
+    # the command the model records is one the CLI takes, and asks for the same model
+    recorded = made_by(folder)["made_by"].split()
+    assert recorded[:2] == ["attention-map", "train-toy-model"]
+    parsed = _parser().parse_args([recorded[1], str(folder), *recorded[2:]])
+    assert (parsed.steps, parsed.seed, parsed.films) == (2, SEED, 200)
     weights = load_file(str(folder / "open_clip_model.safetensors"))
-    again = cli("train-toy-model", folder, "--steps", "2", "--check-films", "0")
+    again = cli("train-toy-model", folder, *few)
     assert again.returncode == 0 and "already holds the toy model" in again.stderr
-    forced = cli("train-toy-model", folder, "--steps", "2", "--check-films", "0", "--force")
+    forced = cli("train-toy-model", folder, *few, "--force")
     assert forced.returncode == 0 and "step 2/2" in forced.stderr
     retrained = load_file(str(folder / "open_clip_model.safetensors"))
     assert all(torch.equal(weights[name], retrained[name]) for name in weights)   # the same seed, the same bytes
@@ -123,6 +130,14 @@ def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     assert other_seed.returncode == 0, other_seed.stderr
     seed1 = load_file(str(tmp_path / "seed1" / "open_clip_model.safetensors"))
     assert not torch.equal(seed1["visual.conv1.weight"], initial["visual.conv1.weight"])
+
+
+def test_too_few_training_films_is_one_clear_line(tmp_path):
+    result = cli("train-toy-model", tmp_path / "toy", "--steps", "2", "--films", "30", "--check-films", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("attention-map: --films: 30 training films hold "), \
+        result.stderr
+    assert "a batch takes 6 films of each caption" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_shipped_toy_model_is_small_and_made_by_the_recipe(toy_model):

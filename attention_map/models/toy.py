@@ -56,6 +56,10 @@ MERGES = "bpe_merges.txt.gz"   # the model's tokenizer: open_clip's byte-pair me
 SHIPPED = Path(__file__).resolve().parents[2] / "examples" / "models" / "demo-toy"   # in a source checkout
 
 
+class TooFewFilms(ValueError):
+    """The training films hold fewer films of some caption than a batch takes."""
+
+
 def training_texts() -> list[str]:
     """Every text the toy model is trained on: the captions, "clear lungs" and each caption as the demo's question."""
     from ..synthetic import captions, question
@@ -134,6 +138,10 @@ def train_toy_model(folder: Path, steps: int = STEPS, seed: int = SEED, films: i
     inputs, boxes, labels = _films(model, range(seed * 1_000_000, seed * 1_000_000 + films))
     names = captions() + [NORMAL]
     by_caption = [np.flatnonzero([label == name for label in labels]) for name in names]
+    fewest = min(range(len(names)), key=lambda index: len(by_caption[index]))
+    if len(by_caption[fewest]) < PER_CAPTION:
+        raise TooFewFilms(f"{films} training films hold {len(by_caption[fewest])} of {names[fewest]!r}; a batch takes "
+                          f"{PER_CAPTION} films of each caption: use more films")
     # each caption also as the question the demo asks ("Is there a nodule in the left upper lung?")
     tokens = model.tokenizer(training_texts()).to(model.device)
     log.info("%d training films drawn in %.0f s; %d captions, %d steps", films, time.perf_counter() - started,
