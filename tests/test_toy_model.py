@@ -132,12 +132,17 @@ def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     assert not torch.equal(seed1["visual.conv1.weight"], initial["visual.conv1.weight"])
 
 
-def test_too_few_training_films_is_one_clear_line(tmp_path):
-    result = cli("train-toy-model", tmp_path / "toy", "--steps", "2", "--films", "30", "--check-films", "0")
+def test_too_few_training_films_is_one_clear_line_and_keeps_the_folder(tmp_path):
+    folder = tmp_path / "toy"
+    made = cli("train-toy-model", folder, "--steps", "0", "--check-films", "0")
+    assert made.returncode == 0, made.stderr
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    result = cli("train-toy-model", folder, "--steps", "2", "--films", "30", "--check-films", "0")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("attention-map: --films: 30 training films hold "), \
         result.stderr
     assert "a batch takes 6 films of each caption" in result.stderr and "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before    # the model it held is intact
 
 
 def test_the_shipped_toy_model_is_small_and_made_by_the_recipe(toy_model):

@@ -128,10 +128,14 @@ def train_toy_model(folder: Path, steps: int = STEPS, seed: int = SEED, films: i
     go_offline()
     folder = Path(folder)
     module = _initial_model(seed)
-    _save(module, folder, 0, seed, films)
     if steps == 0:
+        _save(module, folder, 0, seed, films)
         return folder
-    model = load_model(str(folder), torch.device(device))   # the pipeline's own preparation and tokenizer
+    # the pipeline's own preparation and tokenizer, from a model folder of its own: `folder` keeps what it holds
+    # until the trained model replaces it (a run that fails or is stopped part way leaves it as it was)
+    with tempfile.TemporaryDirectory() as initial:
+        _save(module, Path(initial), 0, seed, films)
+        model = load_model(initial, torch.device(device))
     model.module.load_state_dict(module.state_dict())          # fp32, not the saved fp16
 
     started = time.perf_counter()
