@@ -245,6 +245,8 @@ def _save(module: torch.nn.Module, folder: Path, steps: int, seed: int, films: i
 
 
 HELD_OUT = 10_000_000    # seeds of held-out films start here (training uses seed * 1e6 + 0 .. films)
+UNSEEN = 20_000_000      # held-out films that played no part in choosing the recipe's seed (chosen on the first
+                         # 100 from HELD_OUT)
 
 
 def check_toy_model(folder: Path, count: int = 60, size: int = 192, device: str = "cpu",
