@@ -27,11 +27,10 @@ CXR = REPO.parent / "shared" / "data" / "cxr"
 # conditional numerical reproducibility). oneDNN, whose kernels may also size their blocks by the processor's caches,
 # is off for the toy model, whose figures have the thinnest margins; that costs it nothing (its one convolution and
 # GELU run on ATen's kernels), while the CNNs keep it (without it their training took 2 to 3 times as long: the zone
-# classifier's 174 s against 91 s). Unpinned, each processor
-# trained its own sibling of the shipped toy model, and one of them missed other_side on the 60 films of the shipped
-# model's check (0.633). Those 60 are few for that figure (120 prompts: a standard error of 0.04, its margin 0.02)
-# and among the films the recipe's seed was chosen on, so the retrain is checked on 200 films that played no part
-# in that choice (README, "The toy model").
+# classifier's 174 s against 91 s). Unpinned, each processor trained its own sibling of the shipped toy model, and
+# one of them missed other_side on the 60 films of the shipped model's check (0.633). Those 60 are few for that
+# figure (120 prompts: a standard error of 0.04, its margin 0.02) and among the films the recipe's seed was chosen
+# on, so the retrain is checked on 200 films that played no part in that choice (README, "The toy model").
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 _RETRAIN = """
 import json, logging, sys, torch
