@@ -4,11 +4,13 @@ its seed (README, "The toy model").
     .venv/bin/python benchmarks/toy_recipes.py benchmarks/toy_seeds.json --workers 8 --device cuda --films 100
 
 Each recipe in the JSON list has a "name" and any of: steps, seed, films (train_toy_model's arguments); layers,
-patch_size, width, image_size (the vision config); occluded, mask_grid, initial_logit_scale, per_caption,
-learning_rate (constants of attention_map/models/toy.py); nodule, opacity (lesion radii in
-attention_map/synthetic.py). Each runs in a fresh process (the constants are set there), trains with
-`train_toy_model` and prints one JSON line of `check_toy_model`'s figures on `--films` held-out films; the lines
-are also appended to `--results`. Trained models go under `--work` (a temporary folder unless given).
+patch_size, width, image_size, mlp_ratio (the vision config); occluded, mask_grid, initial_logit_scale, per_caption,
+learning_rate, patch_dropout (constants of attention_map/models/toy.py); nodule, opacity (lesion radii in
+attention_map/synthetic.py). Each runs in a fresh process (the constants are set there) under PINNED_NUMERICS of
+attention_map.models, as the tests retrain, trains with `train_toy_model` and prints one JSON line of
+`check_toy_model`'s figures on `--films` held-out films; the lines are also appended to `--results`. Trained models
+go under `--work` (a temporary folder unless given). A model's bytes also depend on its threads: each worker has
+the CPUs divided by `--workers`.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-CONSTANTS = ("occluded", "mask_grid", "initial_logit_scale", "per_caption", "learning_rate")
-VISION = ("layers", "patch_size", "width", "image_size")
+from attention_map.models import PINNED_NUMERICS
+
+CONSTANTS = ("occluded", "mask_grid", "initial_logit_scale", "per_caption", "learning_rate", "patch_dropout")
+VISION = ("layers", "patch_size", "width", "image_size", "mlp_ratio")
 
 
 def train_and_check(recipe: dict, work: str, device: str, films: int, threads: int) -> dict:
@@ -67,6 +71,7 @@ def main() -> int:
     work = str(args.work or tempfile.mkdtemp(prefix="toy-recipes-"))
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     # a fresh process per recipe: the constants one recipe sets must not leak into the next
+    os.environ.update(PINNED_NUMERICS)       # the workers' PyTorch starts with it
     context = multiprocessing.get_context("spawn")
     failed = 0
     with ProcessPoolExecutor(args.workers, mp_context=context, max_tasks_per_child=1) as pool, \

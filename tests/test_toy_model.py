@@ -18,7 +18,7 @@ THRESHOLDS = {
     "named_side": (0.85, None),
     "energy_ratio": (3.0, None),         # 1 is a uniform map
     "pointing_cell": (0.4, None),
-    "pointing": (0.5, None),             # the goal is 0.8; nine seeds of the recipe gave 0.40 to 0.80
+    "pointing": (0.5, None),             # the goal is 0.8; nine seeds of the recipe gave 0.65 to 0.88
     "other_side": (0.65, None),          # films with a lesion in each lung: 0.5 is chance
     "randomized_ssim": (None, 0.5),      # the maps of the model's initial random weights look unlike its own
 }
@@ -47,9 +47,9 @@ def test_the_shipped_toy_model_meets_its_threshold(figures, name):
 @pytest.mark.slow
 def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain):
     """The recipe, not only the shipped bytes, makes maps that mean something. The retrain (beside the other tests,
-    its threads and processor pinned: conftest.py) gives the same bytes and figures on every Intel processor with
-    AVX2; they differ from the shipped model's in their last bits. It is checked on 200 films unseen by the seed's
-    choice."""
+    its threads and processor pinned: conftest.py) is checked on 200 films unseen by the recipe's choice; on an Intel
+    processor with AVX2 it writes the shipped bytes, which it prints (shipped_bytes), but the test asks for the
+    thresholds only: on other processors MKL may take its own branch."""
     print("retrained toy model on 200 unseen films:", toy_retrain)
     assert not unmet(toy_retrain), toy_retrain
 
@@ -91,7 +91,7 @@ def test_pipeline_with_the_toy_model_keeps_the_corner_letters_cold(tmp_path, toy
     aggregates = json.loads((out / "evaluation.json").read_text())["aggregates"]
     assert aggregates["energy_ratio"]["mean"] > 1.5        # 1 is a uniform map
     # the synthetic readers dwell on the lesion: the maps agree with their gaze, and pick out their own film's
-    # (measured 0.415, 0.665 and 0.833 of 6)
+    # (measured 0.544, 0.687 and 0.833 of 6)
     gaze = cli("evaluate", out, "--truth-maps", tmp_path / "data" / "gaze.csv", "--baseline", "centre")
     assert gaze.returncode == 0, gaze.stderr
     agreed = json.loads((out / "agreement.json").read_text())

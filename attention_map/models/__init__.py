@@ -9,6 +9,12 @@ from ..config import model_kind
 from .base import ModelAdapter, ModelLoadError, Targets, TargetError
 from . import classifier, detector, open_clip_model, vlm
 
+# The environment under which the models the project trains (toy.py, zones.py, lesion_detector.py) give the same
+# bytes on every Intel processor with AVX2 for a given number of threads: ATen's, MKL's (its conditional numerical
+# reproducibility) and oneDNN's AVX2 code, which each pick their code by the processor otherwise. It must be set
+# before PyTorch starts; on other processors MKL may still take its own branch.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
 
 def load_model(spec: str, device: torch.device, offline: bool = False, weights: Path | None = None,
                target_names: tuple = (), score_threshold: float = 0.5, topk_outputs: int | None = None,
@@ -34,4 +40,4 @@ def load_model(spec: str, device: torch.device, offline: bool = False, weights: 
     return open_clip_model.load(spec, device)
 
 
-__all__ = ["ModelAdapter", "ModelLoadError", "Targets", "TargetError", "load_model"]
+__all__ = ["ModelAdapter", "ModelLoadError", "PINNED_NUMERICS", "Targets", "TargetError", "load_model"]
