@@ -84,23 +84,10 @@ def pytest_collection_finish(session):
         process = subprocess.Popen([sys.executable, "-c", _RETRAIN, str(work), *wanted], cwd=REPO,
                                    env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **PINNED_NUMERICS},
                                    stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT)
-        _retrain.update(process=process, work=work, threads=torch.get_num_threads(),
-                        omp_threads=os.environ.get("OMP_NUM_THREADS"))
+        _retrain.update(process=process, work=work)
         os.nice(5)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
-
-
-def pytest_runtest_setup(item):
-    """Once the retrains have ended, the tests that are left take their threads back: kept on one thread, they left
-    a core idle for the minutes they ran after the retrains."""
-    if "threads" in _retrain and _retrain["process"].poll() is not None:
-        torch.set_num_threads(_retrain.pop("threads"))
-        omp_threads = _retrain.pop("omp_threads")
-        if omp_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp_threads
 
 
 def pytest_sessionfinish():
