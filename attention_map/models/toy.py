@@ -8,7 +8,8 @@ positives of that caption. Three parts make its evidence local: films without a 
 through random smooth masks like gScoreCAM's, relabelled "clear lungs" when the mask hides the lesion; and patch
 dropout (FLIP, Li et al., 2023: each step sees a random half of each film's patches), which also halves a step's
 cost. 1,000 steps; without patch dropout the recipe took 2,000 steps and its figures depended on the seed (README,
-"The toy model"). On one machine and number of CPU threads, the same seed and steps write the same bytes.
+"The toy model"). For one number of CPU threads, the same seed and steps write the same bytes on one machine, and on
+every Intel processor with AVX2 under PINNED_NUMERICS of attention_map.models.
 
 The model ships in the repository (examples/models/demo-toy, 3 MB) so that no set-up trains it: fp16 weights, and a
 tokenizer that knows only the byte-pair merges of its captions' words. Training builds the full open_clip text tower
@@ -154,7 +155,9 @@ def train_toy_model(folder: Path, steps: int = STEPS, seed: int = SEED, films: i
              len(names), steps)
 
     net = model.module.train().requires_grad_(True)
-    net.visual.patch_dropout = PatchDropout(PATCH_DROPOUT)     # for training only: the saved model sees every patch
+    # for training only (the saved model sees every patch); its draws come from torch's global generator, which
+    # _initial_model seeded
+    net.visual.patch_dropout = PatchDropout(PATCH_DROPOUT)
     optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=0.05)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
