@@ -164,6 +164,7 @@ def train_toy_model(folder: Path, steps: int = STEPS, seed: int = SEED, films: i
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
+    caption_ids = torch.arange(len(names), device=model.device)
     # oneDNN off: its kernels may size their blocks by the processor's caches, and the one convolution and GELU run
     # as fast on ATen's own, whose bytes PINNED_NUMERICS makes the same on every Intel processor with AVX2
     onednn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
@@ -179,7 +180,6 @@ def train_toy_model(folder: Path, steps: int = STEPS, seed: int = SEED, films: i
             texts = F.normalize(net.encode_text(tokens[wording]), dim=-1)
             logits = net.logit_scale.exp() * images @ texts.T                      # (B, captions)
             image_loss = F.cross_entropy(logits, targets)
-            caption_ids = torch.arange(len(names), device=model.device)
             positives = (targets[None, :] == caption_ids[:, None]).float()          # (captions, B)
             counts = positives.sum(dim=1)
             text_loss = (-(F.log_softmax(logits.T, dim=1) * positives).sum(dim=1)[counts > 0]
