@@ -27,8 +27,9 @@ CXR = REPO.parent / "shared" / "data" / "cxr"
 # bytes, and figures, on every Intel processor with AVX2; the toy model's training also keeps oneDNN off (toy.py).
 # The CNNs keep oneDNN (without it their training took 2 to 3 times as long: the zone classifier's 174 s against
 # 91 s). Unpinned, each processor trained its own sibling of a shipped model: one CI machine's retrain of the toy
-# recipe before patch dropout missed a threshold. The toy retrain is checked on 200 films that played no part in
-# choosing the recipe (README, "The toy model"), and says whether it wrote the shipped bytes.
+# recipe before patch dropout missed a threshold. The toy retrain says whether it wrote the shipped bytes; only one
+# that did not (MKL's own branch on another processor) is checked here, on 200 films that played no part in choosing
+# the recipe (README, "The toy model"): the shipped bytes have the shipped model's figures.
 _RETRAIN = """
 import json, logging, sys, torch
 from pathlib import Path
@@ -40,9 +41,10 @@ logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
 logging.getLogger("attention_map").setLevel(logging.INFO)   # its steps, not open_clip's loading chatter
 work = Path(sys.argv[1])
 if "toy_retrain" in sys.argv:
-    toy = check_toy_model(train_toy_model(work / "toy"), count=200, first_seed=UNSEEN)
     weights = "open_clip_model.safetensors"
-    toy["shipped_bytes"] = (work / "toy" / weights).read_bytes() == (SHIPPED / weights).read_bytes()
+    toy = {"shipped_bytes": (train_toy_model(work / "toy") / weights).read_bytes() == (SHIPPED / weights).read_bytes()}
+    if not toy["shipped_bytes"]:      # the shipped bytes have the shipped model's figures, which the tests check
+        toy["figures"] = check_toy_model(work / "toy", count=200, first_seed=UNSEEN)
     (work / "toy.json").write_text(json.dumps(toy))
 if "zone_retrain" in sys.argv:
     zones = train_zone_model(work / "zones")

@@ -45,13 +45,15 @@ def test_the_shipped_toy_model_meets_its_threshold(figures, name):
 
 
 @pytest.mark.slow
-def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain):
-    """The recipe, not only the shipped bytes, makes maps that mean something. The retrain (beside the other tests,
-    its threads and processor pinned: conftest.py) is checked on 200 films unseen by the recipe's choice; on an Intel
-    processor with AVX2 it writes the shipped bytes, which it prints (shipped_bytes), but the test asks for the
-    thresholds only: on other processors MKL may take its own branch."""
-    print("retrained toy model on 200 unseen films:", toy_retrain)
-    assert not unmet(toy_retrain), toy_retrain
+def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain, figures):
+    """The recipe, not only the shipped bytes, makes maps that mean something. The retrain runs beside the other tests,
+    its threads and processor pinned (conftest.py): on an Intel processor with AVX2 it writes the shipped bytes, whose
+    figures are the shipped model's (the fixture above, computed once); elsewhere MKL may take its own branch, and the
+    sibling it trains was checked on 200 films unseen by the recipe's choice."""
+    retrained = figures if toy_retrain["shipped_bytes"] else toy_retrain["figures"]
+    print("retrained toy model:", "the shipped bytes" if toy_retrain["shipped_bytes"] else "on 200 unseen films",
+          retrained)
+    assert not unmet(retrained), retrained
 
 
 def test_generator_is_deterministic_and_boxes_hold_the_lesion():
