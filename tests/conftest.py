@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from attention_map.models import PINNED_NUMERICS
+from local_cluster import ImageBuild, missing_tools, require
 
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
@@ -55,18 +56,22 @@ if "lesion_retrain" in sys.argv:
         lesions, count=40, methods=["HiResCAM", "LayerCAM"], targets=("topk", "sum"))))
 """
 RETRAINS = ("toy_retrain", "zone_retrain", "lesion_retrain")
+DOCKER_TOOLS = ("dockerd", "docker", "debootstrap")
 _retrain: dict = {}
+_image: dict = {}
 
 
-def _retrains(item) -> bool:
-    return any(name in getattr(item, "fixturenames", ()) for name in RETRAINS)
+def _uses(item, *fixtures: str) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in fixtures)
 
 
 def pytest_collection_modifyitems(items):
-    """The cluster tests (a Slurm array, the Docker image) run first: much of their time is spent waiting on the
-    scheduler, the network and the disk, which at the end of the session (the retrain done) would leave a core idle,
-    and at the start overlaps the retrain. The tests of the retrained models run last (see below)."""
-    items.sort(key=lambda item: (_retrains(item), item.path.name != "test_cluster.py"))
+    """The Slurm array test runs first: much of its time is spent waiting on the scheduler, which at the end of the
+    session (the retrain done) would leave a core idle, and at the start overlaps the retrain. The Docker image is
+    built beside the tests (see below), so the test that runs it comes after the others; the tests of the retrained
+    models run last."""
+    items.sort(key=lambda item: (_uses(item, *RETRAINS), _uses(item, "docker_image"),
+                                 item.path.name != "test_cluster.py"))
 
 
 def pytest_collection_finish(session):
@@ -77,9 +82,11 @@ def pytest_collection_finish(session):
 
     While a retrain runs, the tests and the processes they start use one thread: two threads of PyTorch's OpenMP
     pool sharing a core with the retrain spin on each other (a convolution took 3x as long as on one thread), which
-    had made the tests' first half twice as slow."""
-    wanted = sorted({name for item in session.items for name in RETRAINS
-                     if name in getattr(item, "fixturenames", ())})
+    had made the tests' first half twice as slow.
+
+    When the Docker image test is among them, the image is built from now on, in a thread beside the tests: most of
+    the build's minutes are spent in pip and on the disk, which had held the tests up for four minutes."""
+    wanted = sorted({name for item in session.items for name in RETRAINS if _uses(item, name)})
     if wanted:
         work = Path(tempfile.mkdtemp(prefix="attention-map-retrain-"))
         # passive: a thread that waits for the other sleeps rather than spins on the core the tests share
@@ -90,6 +97,10 @@ def pytest_collection_finish(session):
         os.nice(5)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
+    if any(_uses(item, "docker_image") for item in session.items) and not missing_tools(*DOCKER_TOOLS) \
+            and os.geteuid() == 0:
+        # the engine and the build at the tests' priority; the test that runs the image comes last
+        _image["build"] = ImageBuild(Path(tempfile.mkdtemp(prefix="attention-map-docker-"))).start()
 
 
 def pytest_sessionfinish():
@@ -97,6 +108,9 @@ def pytest_sessionfinish():
         _retrain["process"].kill()        # a session that ends early does not wait for it
         _retrain["process"].wait()
         shutil.rmtree(_retrain["work"], ignore_errors=True)
+    if _image:
+        _image["build"].stop()
+        shutil.rmtree(_image["build"].folder, ignore_errors=True)
 
 
 def _retrained(name: str) -> dict:
@@ -123,6 +137,13 @@ def zone_retrain() -> dict:
 def lesion_retrain() -> dict:
     """The figures of the lesion detector retrained from its recipe (after the zone classifier, in its process)."""
     return _retrained("lesions.json")
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    """The tag of the image of docker/Dockerfile (built beside the tests since collection, see above)."""
+    require(*DOCKER_TOOLS)
+    return _image["build"].wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,19 @@
-"""A real one-node Slurm on loopback and a real Docker engine, started for the tests and stopped after them.
+"""A real one-node Slurm on loopback and a real Docker engine, started for the tests and stopped after them, and the
+project's Docker image built on that engine.
 
-Both need root and the Debian packages that `.ci/run` installs (slurm-wlm, munge, docker.io, debootstrap).
+They need root and the Debian packages that `.ci/run` installs (slurm-wlm, munge, docker.io, debootstrap).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 SLURM_CONF = """\
 ClusterName=local
@@ -38,6 +43,20 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 def missing_tools(*names: str) -> list[str]:
     return [name for name in names if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+
+
+def require(*tools: str) -> None:
+    """Skip the test, saying why, where a tool or root is missing; under CI=true fail it instead."""
+    import pytest
+
+    problems = [f"{', '.join(missing_tools(*tools))} not installed"] if missing_tools(*tools) else []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if problems:
+        message = f"{'; '.join(problems)} (scripts/install_system_tools.sh installs them, as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 class LocalSlurm:
@@ -118,3 +137,105 @@ class LocalDocker:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=60)
+
+
+class ImageBuild:
+    """The image of docker/Dockerfile on a Debian base made here with debootstrap (no registry is reachable), built in
+    a thread on a LocalDocker engine: the build spends minutes in pip and on the disk, during which the tests go on."""
+
+    BASE = "attention-map-test-base:bookworm"
+    TAG = "attention-map:test"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.engine = LocalDocker(folder)
+        self.error: str | None = None
+        self._build: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "ImageBuild":
+        self._thread.start()
+        return self
+
+    def wait(self) -> str:
+        """The image's tag once it is built; AssertionError with the build's last output if it failed."""
+        self._thread.join()
+        assert self.error is None, self.error
+        return self.TAG
+
+    def stop(self) -> None:
+        """Stop a build still running, remove the image and stop the engine if it was started here."""
+        self._stopping.set()
+        if self._build is not None and self._build.poll() is None:
+            self._build.kill()
+        self._thread.join()
+        subprocess.run(["docker", "image", "rm", "--force", self.TAG], capture_output=True)
+        subprocess.run(["docker", "system", "prune", "--force"], capture_output=True)
+        self.engine.stop()
+
+    def _run(self) -> None:
+        try:
+            self.engine.start()
+            self._base()
+            self._image()
+        except Exception as error:       # the test that waits for the image reports it
+            self.error = f"building the Docker image failed: {type(error).__name__}: {error}"
+
+    def _base(self) -> None:
+        if subprocess.run(["docker", "image", "inspect", self.BASE], capture_output=True).returncode == 0:
+            return
+        rootfs = self.folder / "rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                        "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True, capture_output=True)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-", self.BASE], stdin=tar.stdout, check=True, capture_output=True)
+        tar.wait()
+        shutil.rmtree(rootfs)
+
+    def _image(self) -> None:
+        build_args, server = _local_package_index()
+        host_ca = Path(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+                       or "/etc/ssl/certs/ca-certificates.crt")
+        context_ca = REPO / "docker" / "certs" / "test-host.crt"     # pip in the build trusts what pip here trusts
+        if host_ca.is_file():
+            context_ca.write_bytes(host_ca.read_bytes())
+        try:
+            if self._stopping.is_set():
+                return
+            self._build = subprocess.Popen(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
+                                            "--build-arg", f"BASE_IMAGE={self.BASE}", *build_args, "-t", self.TAG, "."],
+                                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            output, _ = self._build.communicate(timeout=1800)
+        finally:
+            context_ca.unlink(missing_ok=True)
+            if server is not None:
+                server.terminate()
+        # The compiler stage is not needed once built: its layers go at once, the image after the tests, so that
+        # the tests after these find the disk as they left it (the image holds the CUDA PyTorch stack, GBs).
+        subprocess.run(["docker", "builder", "prune", "--all", "--force"], capture_output=True)
+        subprocess.run(["docker", "image", "prune", "--force"], capture_output=True)
+        if self._build.returncode != 0:
+            free = shutil.disk_usage(_docker_root()).free / 2**30
+            self.error = f"docker build exited {self._build.returncode}; {free:.1f} GiB free now\n{output[-6000:]}"
+
+
+def _docker_root() -> str:
+    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"], capture_output=True, text=True)
+    return root.stdout.strip() or "/"
+
+
+def _local_package_index():
+    """pip's file:// indexes on this machine (where the pinned torch lies), served over HTTP for the build."""
+    urls = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.extra-index-url"], capture_output=True,
+                          text=True)
+    folders = [Path(u[len("file://"):]) for u in urls.stdout.split() if u.startswith("file://")]
+    if not folders:
+        return [], None
+    root = Path(os.path.commonpath([str(f.parent) for f in folders]))
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+                               str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    index = " ".join(f"http://127.0.0.1:{port}/{f.relative_to(root).as_posix()}" for f in folders)
+    return ["--build-arg", f"PIP_EXTRA_INDEX_URL={index}", "--build-arg", "PIP_TRUSTED_HOST=127.0.0.1"], server

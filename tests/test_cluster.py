@@ -9,7 +9,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,25 +16,14 @@ import cv2
 import numpy as np
 import pytest
 
-from local_cluster import LocalDocker, LocalSlurm, missing_tools
+from local_cluster import LocalSlurm, require
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _require(*tools: str) -> None:
-    problems = [f"{', '.join(missing_tools(*tools))} not installed"] if missing_tools(*tools) else []
-    if os.geteuid() != 0:
-        problems.append("not root")
-    if problems:
-        message = f"{'; '.join(problems)} (scripts/install_system_tools.sh installs them, as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    _require("slurmctld", "slurmd", "sbatch", "munged")
+    require("slurmctld", "slurmd", "sbatch", "munged")
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
@@ -101,70 +89,6 @@ def test_a_killed_array_task_resubmitted_gives_what_one_local_run_gives(tmp_path
         assert (out / row["image_path"]).read_bytes() == (tmp_path / "local" / row["image_path"]).read_bytes()
     for path in merge_logs:
         path.unlink()
-
-
-@pytest.fixture(scope="module")
-def docker_image(tmp_path_factory):
-    """The image of docker/Dockerfile on a Debian base built here (no registry is reachable)."""
-    _require("dockerd", "docker", "debootstrap")
-    folder = tmp_path_factory.mktemp("docker")
-    engine = LocalDocker(folder).start()
-    try:
-        base = "attention-map-test-base:bookworm"
-        if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode != 0:
-            rootfs = folder / "rootfs"
-            subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                            "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True, capture_output=True)
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            subprocess.run(["docker", "import", "-", base], stdin=tar.stdout, check=True, capture_output=True)
-            tar.wait()
-            shutil.rmtree(rootfs)
-        build_args, server = _local_package_index()
-        host_ca = Path(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
-                       or "/etc/ssl/certs/ca-certificates.crt")
-        context_ca = REPO / "docker" / "certs" / "test-host.crt"     # pip in the build trusts what pip here trusts
-        if host_ca.is_file():
-            context_ca.write_bytes(host_ca.read_bytes())
-        try:
-            build = subprocess.run(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
-                                    "--build-arg", f"BASE_IMAGE={base}", *build_args, "-t", "attention-map:test", "."],
-                                   cwd=REPO, capture_output=True, text=True, timeout=1800)
-        finally:
-            context_ca.unlink(missing_ok=True)
-            if server is not None:
-                server.terminate()
-        # The compiler stage is not needed once built: its layers go at once, the image after the tests, so that
-        # the tests after these find the disk as they left it (the image holds the CUDA PyTorch stack, GBs).
-        subprocess.run(["docker", "builder", "prune", "--all", "--force"], capture_output=True)
-        subprocess.run(["docker", "image", "prune", "--force"], capture_output=True)
-        free = shutil.disk_usage(_docker_root()).free / 2**30
-        assert build.returncode == 0, f"{free:.1f} GiB free now\n" + build.stdout[-3000:] + build.stderr[-3000:]
-        yield "attention-map:test"
-    finally:
-        subprocess.run(["docker", "image", "rm", "--force", "attention-map:test"], capture_output=True)
-        subprocess.run(["docker", "system", "prune", "--force"], capture_output=True)
-        engine.stop()
-
-
-def _docker_root() -> str:
-    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"], capture_output=True, text=True)
-    return root.stdout.strip() or "/"
-
-
-def _local_package_index():
-    """pip's file:// indexes on this machine (where the pinned torch lies), served over HTTP for the build."""
-    urls = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.extra-index-url"], capture_output=True,
-                          text=True)
-    folders = [Path(u[len("file://"):]) for u in urls.stdout.split() if u.startswith("file://")]
-    if not folders:
-        return [], None
-    root = Path(os.path.commonpath([str(f.parent) for f in folders]))
-    port = 18000 + os.getpid() % 1000
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
-                               str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    index = " ".join(f"http://127.0.0.1:{port}/{f.relative_to(root).as_posix()}" for f in folders)
-    return ["--build-arg", f"PIP_EXTRA_INDEX_URL={index}", "--build-arg", "PIP_TRUSTED_HOST=127.0.0.1"], server
 
 
 def test_the_pipeline_runs_in_docker_offline_and_outputs_belong_to_the_user(tmp_path, docker_image, tiny_model, cxr):
