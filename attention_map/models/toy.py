@@ -23,6 +23,7 @@ import json
 import tempfile
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -234,6 +235,12 @@ def made_by(folder: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
+def _seed(folder: Path) -> int:
+    """The seed a toy model folder was trained with (its recorded command's --seed), else the recipe's."""
+    found = re.search(r"--seed (\d+)", made_by(folder).get("made_by", ""))
+    return int(found.group(1)) if found else SEED
+
+
 def is_current(folder: Path, steps: int = STEPS, seed: int = SEED, films: int = FILMS) -> bool:
     """Whether `folder` holds a toy model trained with these arguments."""
     return made_by(folder).get("made_by") == recipe(steps, seed, films)
@@ -242,7 +249,7 @@ def is_current(folder: Path, steps: int = STEPS, seed: int = SEED, films: int = 
 def _save(module: torch.nn.Module, folder: Path, steps: int, seed: int, films: int) -> None:
     """`module` in the pipeline's model format: folder/open_clip_config.json, open_clip_model.safetensors (fp16: the
     pipeline computes in fp32 or the PRECISION asked, whatever the file holds) and the tokenizer's merges."""
-    from safetensors.torch import save_file
+    from .base import save_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     merges, ids = _vocabulary()
@@ -254,9 +261,7 @@ def _save(module: torch.nn.Module, folder: Path, steps: int, seed: int, films: i
         # no newline after the last merge: SimpleTokenizer would read an empty merge there
         handle.write("\n".join(["#version: 0.2 (open_clip's merges the toy model's texts use)"]
                                + [f"{left} {right}" for left, right in merges]).encode())
-    state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in module.state_dict().items()}
-    save_file(state, str(folder / "open_clip_model.safetensors"),
-              metadata={"made_by": recipe(steps, seed, films), "seed": str(seed)})
+    save_weights(module, folder / "open_clip_model.safetensors", recipe(steps, seed, films), half=True)
 
 
 HELD_OUT = 10_000_000    # seeds of held-out films start here (training uses seed * 1e6 + 0 .. films)
@@ -292,7 +297,7 @@ def check_toy_model(folder: Path, count: int = 60, size: int = 192, device: str 
     device = torch.device(device)
     model = load_model(str(folder), device)
     with tempfile.TemporaryDirectory() as initial:     # the same architecture at the recipe's initial weights
-        seed = int(made_by(folder).get("seed", SEED)) if random_seed is None else random_seed
+        seed = _seed(folder) if random_seed is None else random_seed
         random_model = load_model(str(train_toy_model(Path(initial), steps=0, seed=seed, films=0)), device)
     cam, random_cam = GScoreCAM(model, topk=300), GScoreCAM(random_model, topk=300)
     names = captions()
