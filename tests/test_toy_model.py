@@ -118,12 +118,14 @@ def test_train_toy_model_keeps_a_model_of_the_same_recipe_and_code(tmp_path):
     parsed = _parser().parse_args([recorded[1], str(folder), *recorded[2:]])
     assert (parsed.steps, parsed.seed, parsed.films) == (2, SEED, 200)
     weights = load_file(str(folder / "open_clip_model.safetensors"))
+    written = (folder / "open_clip_model.safetensors").read_bytes()
     again = cli("train-toy-model", folder, *few)
     assert again.returncode == 0 and "already holds the toy model" in again.stderr
     forced = cli("train-toy-model", folder, *few, "--force")
     assert forced.returncode == 0 and "step 2/2" in forced.stderr
     retrained = load_file(str(folder / "open_clip_model.safetensors"))
-    assert all(torch.equal(weights[name], retrained[name]) for name in weights)   # the same seed, the same bytes
+    assert all(torch.equal(weights[name], retrained[name]) for name in weights)   # the same seed, the same weights
+    assert (folder / "open_clip_model.safetensors").read_bytes() == written        # and the same file
     initial = cli("train-toy-model", tmp_path / "initial", "--steps", "0", "--check-films", "0")
     assert initial.returncode == 0, initial.stderr
     initial = load_file(str(tmp_path / "initial" / "open_clip_model.safetensors"))
