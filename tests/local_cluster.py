@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -150,8 +151,9 @@ class ImageBuild:
         self.folder = folder
         self.engine = LocalDocker(folder)
         self.error: str | None = None
-        self._build: subprocess.Popen | None = None
-        self._stopping = threading.Event()
+        self._child: subprocess.Popen | None = None      # debootstrap, then docker build: what stop() kills
+        self._stopping = False
+        self._lock = threading.Lock()       # a step starts before stop() or not at all
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> "ImageBuild":
@@ -160,15 +162,17 @@ class ImageBuild:
 
     def wait(self) -> str:
         """The image's tag once it is built; AssertionError with the build's last output if it failed."""
-        self._thread.join()
+        while self._thread.is_alive():      # in steps: a Ctrl-C that reaches the build's thread still stops the tests
+            self._thread.join(timeout=1)
         assert self.error is None, self.error
         return self.TAG
 
     def stop(self) -> None:
         """Stop a build still running, remove the image and stop the engine if it was started here."""
-        self._stopping.set()
-        if self._build is not None and self._build.poll() is None:
-            self._build.kill()
+        with self._lock:
+            self._stopping = True
+            if self._child is not None and self._child.poll() is None:
+                os.killpg(self._child.pid, signal.SIGKILL)      # debootstrap's own children too
         self._thread.join()
         subprocess.run(["docker", "image", "rm", "--force", self.TAG], capture_output=True)
         subprocess.run(["docker", "system", "prune", "--force"], capture_output=True)
@@ -182,12 +186,25 @@ class ImageBuild:
         except Exception as error:       # the test that waits for the image reports it
             self.error = f"building the Docker image failed: {type(error).__name__}: {error}"
 
+    def _step(self, command: list[str]) -> tuple[int, str]:
+        """Run one long step of the build (unless stop() was called), its output kept; returns its exit status and
+        output."""
+        with self._lock:
+            if self._stopping:
+                return -1, "stopped"
+            self._child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True, start_new_session=True)
+        output, _ = self._child.communicate(timeout=1800)
+        return self._child.returncode, output
+
     def _base(self) -> None:
         if subprocess.run(["docker", "image", "inspect", self.BASE], capture_output=True).returncode == 0:
             return
         rootfs = self.folder / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                        "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True, capture_output=True)
+        status, output = self._step(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                                     "bookworm", str(rootfs), "http://deb.debian.org/debian"])
+        if status != 0:
+            raise RuntimeError(f"debootstrap exited {status}: {output[-3000:]}")
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(["docker", "import", "-", self.BASE], stdin=tar.stdout, check=True, capture_output=True)
         tar.wait()
@@ -201,12 +218,8 @@ class ImageBuild:
         if host_ca.is_file():
             context_ca.write_bytes(host_ca.read_bytes())
         try:
-            if self._stopping.is_set():
-                return
-            self._build = subprocess.Popen(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
-                                            "--build-arg", f"BASE_IMAGE={self.BASE}", *build_args, "-t", self.TAG, "."],
-                                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            output, _ = self._build.communicate(timeout=1800)
+            status, output = self._step(["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "--build-arg",
+                                         f"BASE_IMAGE={self.BASE}", *build_args, "-t", self.TAG, "."])
         finally:
             context_ca.unlink(missing_ok=True)
             if server is not None:
@@ -215,9 +228,9 @@ class ImageBuild:
         # the tests after these find the disk as they left it (the image holds the CUDA PyTorch stack, GBs).
         subprocess.run(["docker", "builder", "prune", "--all", "--force"], capture_output=True)
         subprocess.run(["docker", "image", "prune", "--force"], capture_output=True)
-        if self._build.returncode != 0:
+        if status != 0:
             free = shutil.disk_usage(_docker_root()).free / 2**30
-            self.error = f"docker build exited {self._build.returncode}; {free:.1f} GiB free now\n{output[-6000:]}"
+            self.error = f"docker build exited {status}; {free:.1f} GiB free now\n{output[-6000:]}"
 
 
 def _docker_root() -> str:
