@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attention_map.models import PINNED_NUMERICS
-from local_cluster import ImageBuild, missing_tools, require
+from local_cluster import ImageBuild, require, unmet
 
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO.parent / "shared" / "data" / "cxr"
@@ -97,8 +97,7 @@ def pytest_collection_finish(session):
         os.nice(5)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
-    if any(_uses(item, "docker_image") for item in session.items) and not missing_tools(*DOCKER_TOOLS) \
-            and os.geteuid() == 0:
+    if any(_uses(item, "docker_image") for item in session.items) and not unmet(*DOCKER_TOOLS):
         # the engine and the build at the tests' priority; the test that runs the image comes last
         _image["build"] = ImageBuild(Path(tempfile.mkdtemp(prefix="attention-map-docker-"))).start()
 

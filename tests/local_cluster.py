@@ -46,13 +46,17 @@ def missing_tools(*names: str) -> list[str]:
     return [name for name in names if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
 
 
+def unmet(*tools: str) -> list[str]:
+    """What stops the tests that run `tools`: those not installed, and not being root."""
+    missing = missing_tools(*tools)
+    return ([f"{', '.join(missing)} not installed"] if missing else []) + (["not root"] if os.geteuid() != 0 else [])
+
+
 def require(*tools: str) -> None:
     """Skip the test, saying why, where a tool or root is missing; under CI=true fail it instead."""
     import pytest
 
-    problems = [f"{', '.join(missing_tools(*tools))} not installed"] if missing_tools(*tools) else []
-    if os.geteuid() != 0:
-        problems.append("not root")
+    problems = unmet(*tools)
     if problems:
         message = f"{'; '.join(problems)} (scripts/install_system_tools.sh installs them, as root)"
         if os.environ.get("CI"):
