@@ -125,6 +125,8 @@ def test_the_shipped_lesion_detector_finds_the_lesions_and_topk_maps_sit_on_them
 
 @pytest.mark.slow
 def test_a_retrain_of_the_lesion_detector_recipe_meets_the_same_floors(lesion_retrain):
+    print("retrained lesion detector:", "the shipped bytes" if lesion_retrain["shipped_bytes"] else "a sibling",
+          lesion_retrain)
     _meets_the_floors(lesion_retrain)
 
 

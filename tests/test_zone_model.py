@@ -56,8 +56,11 @@ def test_eigencam_ignores_the_target_and_gradient_methods_do_not():
 
 @pytest.mark.slow
 def test_a_retrain_with_the_shipped_recipe_meets_the_goal(zone_retrain):
-    """The recipe, retrained on two CPU threads as the shipped model was (conftest.py): its outputs find
-    the lesions and GradCAM and HiResCAM point at the named zone at least 0.8 of the time, on the first 40 films. The
-    recipe is seed-sensitive (docs/methods.md), so this floor is the goal, not the shipped model's figures."""
+    """The recipe, retrained on two CPU threads with the processor pinned (conftest.py; the shipped model was trained
+    without the pins, so the retrain is a sibling): its outputs find the lesions and GradCAM and HiResCAM point at the
+    named zone at least 0.8 of the time, on the first 40 films (0.82 measured; 0.78 on 200 films, docs/methods.md).
+    The recipe is seed-sensitive, so this floor is the goal, not the shipped model's figures."""
+    print("retrained zone classifier:", "the shipped bytes" if zone_retrain["shipped_bytes"] else "a sibling",
+          zone_retrain)
     assert min(zone_retrain["auroc"].values()) >= AUROC_FLOOR, zone_retrain["auroc"]
     assert zone_retrain["pointing"]["GradCAM"] >= 0.8 and zone_retrain["pointing"]["HiResCAM"] >= 0.8, zone_retrain

@@ -4,7 +4,8 @@ detector's maps mean something: the `topk` map should put its energy in the true
 
 The recipe: 256 px films with one lesion, or one in each lung; torchvision's FCOS losses (focal, GIoU, centre-ness),
 AdamW with a one-cycle schedule. It ships in the repository (examples/models/lesion-detector, fp16) as a detector
-folder; `attention-map train-lesion-detector DIR` reproduces it and prints its check (docs/methods.md).
+folder; `attention-map train-lesion-detector DIR` reproduces it and prints its check (docs/methods.md), to the same
+bytes on two threads with PINNED_NUMERICS of attention_map.models in its environment.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ classifier's maps mean something: the map of a zone that holds a lesion should p
 
 The recipe: timm's ResNet-10t with channels 16-32-64-128 and output stride 16 (a 12 x 12 grid at 192 px), six logits
 (CHEST_ZONES), binary cross-entropy, Adam. It ships in the repository (examples/models/zone-classifier, fp16, about
-0.6 MB) as a classifier folder; `attention-map train-zone-model DIR` reproduces it and prints its check.
+0.6 MB) as a classifier folder; `attention-map train-zone-model DIR` reproduces it and prints its check (the same
+bytes on this project's 2-core machine without PINNED_NUMERICS, with which it trains a sibling: docs/methods.md).
 """
 from __future__ import annotations
 
