@@ -5,7 +5,8 @@ detector's maps mean something: the `topk` map should put its energy in the true
 The recipe: 256 px films with one lesion, or one in each lung; torchvision's FCOS losses (focal, GIoU, centre-ness),
 AdamW with a one-cycle schedule. It ships in the repository (examples/models/lesion-detector, fp16) as a detector
 folder; `attention-map train-lesion-detector DIR` reproduces it and prints its check (docs/methods.md), to the same
-bytes on two threads with PINNED_NUMERICS of attention_map.models in its environment.
+bytes on two threads with PINNED_NUMERICS of attention_map.models in its environment, on an Intel processor with
+AVX2 (on an AMD EPYC it trains a sibling: docs/methods.md).
 """
 from __future__ import annotations
 

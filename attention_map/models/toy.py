@@ -7,9 +7,10 @@ logit scale of 50, and batches with the same number of films per caption in whic
 positives of that caption. Three parts make its evidence local: films without a lesion ("clear lungs"); films seen
 through random smooth masks like gScoreCAM's, relabelled "clear lungs" when the mask hides the lesion; and patch
 dropout (FLIP, Li et al., 2023: each step sees a random half of each film's patches), which also halves a step's
-cost. 1,000 steps; without patch dropout the recipe took 2,000 steps and its figures depended on the seed (README,
-"The toy model"). For one number of CPU threads, the same seed and steps write the same bytes on one machine, and on
-every Intel processor with AVX2 under PINNED_NUMERICS of attention_map.models.
+cost. 1,000 steps; without patch dropout the recipe took 2,000 steps and its figures depended on the seed
+(docs/toy-recipe-history.md). For one number of CPU threads, the same seed and steps write the same bytes on one
+machine, and on every Intel processor with AVX2 under PINNED_NUMERICS of attention_map.models (an AMD EPYC trains a
+sibling).
 
 The model ships in the repository (examples/models/demo-toy, 3 MB) so that no set-up trains it: fp16 weights, and a
 tokenizer that knows only the byte-pair merges of its captions' words. Training builds the full open_clip text tower
