@@ -110,6 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say_whether_shipped(folder: Path, shipped: Path) -> None:
+    """After training a shipped model's recipe: whether it wrote the shipped bytes (where a source checkout holds
+    them), so that whoever retrains knows whether they reproduced the model or trained a sibling."""
+    from .models import holds_shipped_bytes
+
+    log = logging.getLogger("attention_map")
+    if not shipped.is_dir():
+        return
+    if holds_shipped_bytes(folder, shipped):
+        log.info("%s holds the shipped model's bytes (every file of %s)", folder, shipped)
+    else:
+        log.info("%s differs from the shipped model in %s: a sibling of its recipe (the bytes depend on the "
+                 "processor, the number of CPU threads and PINNED_NUMERICS; docs/testing.md)", folder, shipped)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -142,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-toy-model":
         import torch
 
-        from .models.toy import FILMS, SEED, STEPS, TooFewFilms, check_toy_model, is_current, train_toy_model
+        from .models.toy import (FILMS, SEED, SHIPPED, STEPS, TooFewFilms, check_toy_model, is_current,
+                                 train_toy_model)
 
         if args.device == "cuda" and not torch.cuda.is_available():
             print("attention-map: --device cuda but no CUDA device is visible", file=sys.stderr)
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"attention-map: --films: {error}", file=sys.stderr)
             return EXIT_CONFIG
         log.info("wrote the toy model to %s (use MODEL=%s)", folder, folder)
+        if (steps, seed, films, args.device) == (STEPS, SEED, FILMS, "cpu"):
+            _say_whether_shipped(folder, SHIPPED)
         if args.check_films:
             figures = check_toy_model(folder, args.check_films, device=args.device)
             print(f"On {args.check_films} held-out synthetic films: " + ", ".join(
@@ -174,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
              lesion_detector.check_lesion_detector))
         folder = train(args.folder, recipe.STEPS if args.steps is None else args.steps, args.seed)
         log.info("wrote the %s to %s (use MODEL=%s)", what, folder, folder)
+        if (args.steps in (None, recipe.STEPS)) and args.seed == recipe.SEED:
+            _say_whether_shipped(folder, recipe.SHIPPED)
         if args.check_films:
             print(json.dumps(check(folder, args.check_films), indent=2))
         return 0

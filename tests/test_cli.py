@@ -2,10 +2,12 @@
 import contextlib
 import csv
 import hashlib
+import importlib
 import io
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from attention_map.cli import main
@@ -245,3 +248,35 @@ def test_the_installed_command_runs_in_its_own_process_as_in_the_tests(tmp_path,
     refused = subprocess.run([command, *bad], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == cli(*bad).returncode == 2
     assert refused.stderr == cli(*bad).stderr and "did you mean OUTPUT_DIR?" in refused.stderr
+
+
+@pytest.mark.parametrize("command, module, train", [("train-toy-model", "toy", "train_toy_model"),
+                                                    ("train-zone-model", "zones", "train_zone_model"),
+                                                    ("train-lesion-detector", "lesion_detector",
+                                                     "train_lesion_detector")])
+def test_a_retrain_of_a_shipped_recipe_says_whether_it_wrote_the_shipped_bytes(tmp_path, monkeypatch, command, module,
+                                                                                train):
+    """Whoever retrains a shipped model learns whether they reproduced it or trained a sibling. Training is replaced
+    by a copy of the shipped folder (the bytes a retrain writes where the model was trained), then by that copy with
+    one byte of its weights changed (a sibling); another seed is another recipe, and nothing is said."""
+    recipe = importlib.import_module(f"attention_map.models.{module}")
+    changed = {}
+
+    def copy_shipped(folder, *recipe_arguments, **device):
+        shutil.copytree(recipe.SHIPPED, folder)
+        if changed.get("one byte"):
+            weights = max(folder.iterdir(), key=lambda path: path.stat().st_size)
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 1
+            weights.write_bytes(bytes(data))
+        return folder
+
+    monkeypatch.setattr(recipe, train, copy_shipped)
+    same = cli(command, tmp_path / "same", "--check-films", "0")
+    assert same.returncode == 0, same.stderr
+    assert f"holds the shipped model's bytes (every file of {recipe.SHIPPED})" in same.stderr
+    changed["one byte"] = True
+    sibling = cli(command, tmp_path / "sibling", "--check-films", "0")
+    assert sibling.returncode == 0 and f"differs from the shipped model in {recipe.SHIPPED}: a sibling" in sibling.stderr
+    other = cli(command, tmp_path / "seed1", "--seed", "1", "--check-films", "0")
+    assert other.returncode == 0 and "shipped model" not in other.stderr

@@ -16,6 +16,14 @@ from . import classifier, detector, open_clip_model, vlm
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
+def holds_shipped_bytes(folder: Path, shipped: Path) -> bool:
+    """Whether `folder` holds every file of the shipped model folder `shipped`, byte for byte: what a retrain of its
+    recipe writes on the kind of processor, number of threads and environment that trained it (elsewhere a sibling)."""
+    folder = Path(folder)
+    return all((folder / path.name).is_file() and (folder / path.name).read_bytes() == path.read_bytes()
+               for path in Path(shipped).iterdir())
+
+
 def load_model(spec: str, device: torch.device, offline: bool = False, weights: Path | None = None,
                target_names: tuple = (), score_threshold: float = 0.5, topk_outputs: int | None = None,
                precision: str = "auto") -> ModelAdapter:
@@ -40,4 +48,5 @@ def load_model(spec: str, device: torch.device, offline: bool = False, weights: 
     return open_clip_model.load(spec, device)
 
 
-__all__ = ["ModelAdapter", "ModelLoadError", "PINNED_NUMERICS", "Targets", "TargetError", "load_model"]
+__all__ = ["ModelAdapter", "ModelLoadError", "PINNED_NUMERICS", "Targets", "TargetError", "holds_shipped_bytes",
+           "load_model"]
