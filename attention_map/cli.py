@@ -190,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train-zone-model" else
             ("lesion detector", lesion_detector, lesion_detector.train_lesion_detector,
              lesion_detector.check_lesion_detector))
-        folder = train(args.folder, recipe.STEPS if args.steps is None else args.steps, args.seed)
+        steps = recipe.STEPS if args.steps is None else args.steps
+        folder = train(args.folder, steps, args.seed)
         log.info("wrote the %s to %s (use MODEL=%s)", what, folder, folder)
-        if (args.steps in (None, recipe.STEPS)) and args.seed == recipe.SEED:
+        if (steps, args.seed) == (recipe.STEPS, recipe.SEED):
             _say_whether_shipped(folder, recipe.SHIPPED)
         if args.check_films:
             print(json.dumps(check(folder, args.check_films), indent=2))
