@@ -49,9 +49,9 @@ def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain, fi
     """The recipe, not only the shipped bytes, makes maps that mean something. The retrain runs beside the other tests,
     its threads and processor pinned (conftest.py): on an Intel processor with AVX2 it writes the shipped bytes, whose
     figures are the shipped model's (the fixture above, computed once); elsewhere MKL may take its own branch, and the
-    sibling it trains was checked on 200 films unseen by the recipe's choice."""
+    sibling it trains was checked on 60 films unseen by the recipe's choice."""
     retrained = figures if toy_retrain["shipped_bytes"] else toy_retrain["figures"]
-    print("retrained toy model:", "the shipped bytes" if toy_retrain["shipped_bytes"] else "on 200 unseen films",
+    print("retrained toy model:", "the shipped bytes" if toy_retrain["shipped_bytes"] else "on 60 unseen films",
           retrained)
     assert not unmet(retrained), retrained
 
