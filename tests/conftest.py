@@ -86,7 +86,7 @@ def pytest_collection_finish(session):
 
     While a retrain runs, the tests and the processes they start use one thread: two threads of PyTorch's OpenMP
     pool sharing a core with the retrain spin on each other (a convolution took 3x as long as on one thread), which
-    had made the tests' first half twice as slow.
+    had made the tests' first half twice as slow. Once it has ended they take their threads back (below).
 
     When the Docker image test is among them, the image is built from now on, in a thread beside the tests: most of
     the build's minutes are spent in pip and on the disk, which had held the tests up for four minutes."""
@@ -97,13 +97,27 @@ def pytest_collection_finish(session):
         process = subprocess.Popen([sys.executable, "-c", _RETRAIN, str(work), *wanted], cwd=REPO,
                                    env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **PINNED_NUMERICS},
                                    stdout=(work / "log.txt").open("w"), stderr=subprocess.STDOUT)
-        _retrain.update(process=process, work=work)
+        threads = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))      # taken back when it ends
+        _retrain.update(process=process, work=work, threads=threads)
         os.nice(5)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
     if any(_uses(item, "docker_image") for item in session.items) and not unmet(*DOCKER_TOOLS):
         # the engine and the build at the tests' priority; the test that runs the image comes last
         _image["build"] = ImageBuild(Path(tempfile.mkdtemp(prefix="attention-map-docker-"))).start()
+
+
+def pytest_runtest_setup(item):
+    """Once the retrain has ended, the tests take back the threads they had, from the next test on: on one thread the
+    tests after it had left a core idle (3 to 4 minutes of CI on the AMD EPYC, docs/testing.md). Between tests, so that
+    a test and the processes it starts compute on one number of threads throughout."""
+    if "threads" in _retrain and _retrain["process"].poll() is not None:
+        threads, variable = _retrain.pop("threads")
+        torch.set_num_threads(threads)
+        if variable is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = variable
 
 
 def pytest_sessionfinish():
