@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,9 +147,17 @@ class LocalDocker:
 
 class ImageBuild:
     """The image of docker/Dockerfile on a Debian base made here with debootstrap (no registry is reachable), built in
-    a thread on a LocalDocker engine: the build spends minutes in pip and on the disk, during which the tests go on."""
+    a thread on a LocalDocker engine: the build spends minutes in pip and on the disk, during which the tests go on.
 
-    BASE = "attention-map-test-base:bookworm"
+    The base stands in for the Dockerfile's default, a PyTorch image: it carries the pinned torch and torchvision (with
+    what they require) in its system site, taken from this machine's install, which the build then uses rather than
+    installing them again (the Dockerfile's venv sees the system site). On a machine whose Python is not the base's,
+    the base has no torch and the build installs it from the index."""
+
+    BASE = f"attention-map-test-base:bookworm-torch{metadata.version('torch')}"
+    PYTHON = (3, 11)        # Debian bookworm's python3
+    SITE = "usr/local/lib/python3.11/dist-packages"     # where Debian's python3 finds packages installed for the system
+    PREINSTALLED = ("torch", "torchvision")
     TAG = "attention-map:test"
 
     def __init__(self, folder: Path):
@@ -159,6 +168,10 @@ class ImageBuild:
         self._stopping = False
         self._lock = threading.Lock()       # a step starts before stop() or not at all
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def base_carries_torch(cls) -> bool:
+        return sys.version_info[:2] == cls.PYTHON       # the installed wheels are built for this Python
 
     def start(self) -> "ImageBuild":
         self._thread.start()
@@ -209,6 +222,8 @@ class ImageBuild:
                                      "bookworm", str(rootfs), "http://deb.debian.org/debian"])
         if status != 0:
             raise RuntimeError(f"debootstrap exited {status}: {output[-3000:]}")
+        if self.base_carries_torch():
+            _copy_installed(self.PREINSTALLED, rootfs / self.SITE)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(["docker", "import", "-", self.BASE], stdin=tar.stdout, check=True, capture_output=True)
         tar.wait()
@@ -235,6 +250,36 @@ class ImageBuild:
         if status != 0:
             free = shutil.disk_usage(_docker_root()).free / 2**30
             self.error = f"docker build exited {status}; {free:.1f} GiB free now\n{output[-6000:]}"
+
+
+def _copy_installed(names: tuple[str, ...], site: Path) -> None:
+    """The installed distributions `names` and every one they require (with the extras they ask for), hard-linked
+    (else copied) into the site-packages folder `site`: PyTorch's CUDA build is GBs, which pip would unpack again."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    wanted, done = [(name, frozenset()) for name in names], set()
+    while wanted:
+        name, extras = wanted.pop()
+        if (canonicalize_name(name), extras) in done:
+            continue
+        done.add((canonicalize_name(name), extras))
+        dist = metadata.distribution(name)
+        for requirement in map(Requirement, dist.requires or []):
+            if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
+                                                 for extra in ("", *extras)):
+                wanted.append((requirement.name, frozenset(requirement.extras)))
+        for file in dist.files or []:
+            source = Path(dist.locate_file(file))
+            if file.parts[0] == ".." or not source.is_file():     # scripts outside the site, files never written
+                continue
+            target = site / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copy2(source, target)
 
 
 def _docker_root() -> str:
