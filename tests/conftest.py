@@ -104,7 +104,8 @@ def pytest_collection_finish(session):
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
     if any(_uses(item, "docker_image") for item in session.items) and not unmet(*DOCKER_TOOLS):
-        # the engine and the build at the tests' priority; the test that runs the image comes last
+        # the engine at the tests' priority (nice 5), but the build's containers run in the engine's control group,
+        # which shares the CPU with the tests' processes as one; the test that runs the image comes last
         _image["build"] = ImageBuild(Path(tempfile.mkdtemp(prefix="attention-map-docker-"))).start()
 
 
