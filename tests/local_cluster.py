@@ -156,7 +156,7 @@ class ImageBuild:
 
     BASE = f"attention-map-test-base:bookworm-torch{metadata.version('torch')}"
     PYTHON = (3, 11)        # Debian bookworm's python3
-    SITE = "usr/local/lib/python3.11/dist-packages"     # where Debian's python3 finds packages installed for the system
+    SITE = "usr/local/lib/python{}.{}/dist-packages".format(*PYTHON)   # where Debian's python3 finds system packages
     PREINSTALLED = ("torch", "torchvision")
     TAG = "attention-map:test"
 
