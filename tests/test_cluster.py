@@ -121,10 +121,11 @@ def test_the_pipeline_runs_in_docker_offline_and_outputs_belong_to_the_user(tmp_
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Done: 4 images, 4 heatmaps written, 0 failed" in result.stdout
-    # the base image's torch, the pinned one, is the image's: not installed a second time in its venv
+    # the base image's torch, the pinned one, is the image's: not installed a second time in its venv (located, not
+    # imported: importing torch takes seconds)
     torch_file = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "python", docker_image,
                                  "-c", "import importlib.util; print(importlib.util.find_spec('torch').origin)"],
-                                capture_output=True, text=True)     # located, not imported (importing torch takes seconds)
+                                capture_output=True, text=True)
     assert torch_file.stdout.startswith(f"/{ImageBuild.SITE}/" if ImageBuild.base_carries_torch() else "/opt/venv/"), (
         torch_file.stdout + torch_file.stderr)
     files = [p for p in out.rglob("*")]
