@@ -25,7 +25,8 @@ CXR = REPO.parent / "shared" / "data" / "cxr"
 # part way (when the other tests ended) gave other bytes, and other figures, on each run.
 #
 # The processor's part is pinned too (PINNED_NUMERICS of attention_map.models), so that a retrain gives the same
-# bytes, and figures, on every Intel processor with AVX2; the toy model's training also keeps oneDNN off (toy.py).
+# bytes, and figures, on every processor of one kind (every Intel processor with AVX2; the AMD EPYC that trained the
+# shipped toy model); the toy model's training also keeps oneDNN off (toy.py).
 # The CNNs keep oneDNN (without it their training took 2 to 3 times as long: the zone classifier's 174 s against
 # 91 s). Unpinned, each processor trained its own sibling of a shipped model: one CI machine's retrain of the toy
 # recipe before patch dropout missed a threshold. Each retrain says whether it wrote the shipped bytes. Only a toy

@@ -47,9 +47,10 @@ def test_the_shipped_toy_model_meets_its_threshold(figures, name):
 @pytest.mark.slow
 def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain, figures):
     """The recipe, not only the shipped bytes, makes maps that mean something. The retrain runs beside the other tests,
-    its threads and processor pinned (conftest.py): on an Intel processor with AVX2 it writes the shipped bytes, whose
-    figures are the shipped model's (the fixture above, computed once); elsewhere MKL may take its own branch, and the
-    sibling it trains was checked on 60 films unseen by the recipe's choice."""
+    its threads and processor pinned (conftest.py): on the kind of processor that trained the shipped model (an AMD
+    EPYC, Zen 3) it writes the shipped bytes, whose figures are the shipped model's (the fixture above, computed once);
+    elsewhere (an Intel processor, where MKL takes another path) the sibling it trains was checked on 60 films unseen
+    by the recipe's choice."""
     retrained = figures if toy_retrain["shipped_bytes"] else toy_retrain["figures"]
     print("retrained toy model:",
           "the shipped bytes" if toy_retrain["shipped_bytes"] else f"on {toy_retrain['films']} unseen films", retrained)
