@@ -11,7 +11,7 @@ python3 -m venv .venv
 # pysaliency (about 20 s). Their wheels are built beside the install of the rest, which unpacks on one core too.
 pysaliency=pysaliency==0.2.22
 wheels=$(mktemp -d)
-trap 'rm -rf "$wheels"' EXIT
+trap 'kill $(jobs -p) 2> /dev/null || true; rm -rf "$wheels"' EXIT     # a failed install stops the build beside it
 .venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir "$wheels" "$(grep '^pydensecrf2' requirements.txt)" \
     "$pysaliency" &
 built=$!
