@@ -191,7 +191,7 @@ def test_long_prompts_are_truncated_with_a_warning_in_the_manifest(tmp_path, tin
     assert warnings[0].startswith("prompt truncated to the model's 77 tokens (") and warnings[1] == ""
 
 
-def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr):
+def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr, request):
     """SIGKILL a run at several points, resume each time: the end result equals an uninterrupted run's."""
     import os
     import signal
@@ -208,8 +208,9 @@ def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr)
 
     # the uninterrupted run beside the killed ones: each is mostly one core's work (the CRF), and the machine has two
     reference = tmp_path / "reference"
-    log = (tmp_path / "reference.log").open("w")
-    uninterrupted = subprocess.Popen(command(reference), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    with (tmp_path / "reference.log").open("w") as log:
+        uninterrupted = subprocess.Popen(command(reference), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    request.addfinalizer(uninterrupted.kill)        # a failed assertion below does not leave it running
 
     out = tmp_path / "killed"
     journal = out / "shards" / "progress-0000-of-0001.jsonl"
