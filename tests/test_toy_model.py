@@ -49,8 +49,8 @@ def test_a_retrain_with_the_shipped_recipe_meets_every_threshold(toy_retrain, fi
     """The recipe, not only the shipped bytes, makes maps that mean something. The retrain runs beside the other tests,
     its threads and processor pinned (conftest.py): on the kind of processor that trained the shipped model (an AMD
     EPYC, Zen 3) it writes the shipped bytes, whose figures are the shipped model's (the fixture above, computed once);
-    elsewhere (an Intel processor, where MKL takes another path) the sibling it trains was checked on 60 films unseen
-    by the recipe's choice."""
+    elsewhere (an Intel processor or an AMD EPYC of Zen 5, where MKL takes other paths) the sibling it trains was
+    checked on 60 films unseen by the recipe's choice."""
     retrained = figures if toy_retrain["shipped_bytes"] else toy_retrain["figures"]
     print("retrained toy model:",
           "the shipped bytes" if toy_retrain["shipped_bytes"] else f"on {toy_retrain['films']} unseen films", retrained)

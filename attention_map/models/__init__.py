@@ -13,7 +13,7 @@ from . import classifier, detector, open_clip_model, vlm
 # bytes on every Intel processor with AVX2 for a given number of threads: ATen's, MKL's (its conditional numerical
 # reproducibility) and oneDNN's AVX2 code, which each pick their code by the processor otherwise. It must be set
 # before PyTorch starts; on other processors MKL takes its own branch, the same on processors of one kind (an AMD
-# EPYC, Zen 3, trained the shipped toy model).
+# EPYC of Zen 3 trained the shipped toy model; one of Zen 5 trains a sibling).
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 

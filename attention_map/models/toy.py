@@ -10,7 +10,8 @@ dropout (FLIP, Li et al., 2023: each step sees a random half of each film's patc
 cost. 750 steps; without patch dropout the recipe took 2,000 steps and its figures depended on the seed
 (docs/toy-recipe-history.md). For one number of CPU threads, the same seed and steps write the same bytes on one
 machine, and under PINNED_NUMERICS of attention_map.models on every processor of one kind: the shipped model's on the
-AMD EPYC (Zen 3) that trained it, a sibling's on an Intel processor with AVX2 (MKL takes another path there).
+AMD EPYC (Zen 3) that trained it, a sibling's on an Intel processor with AVX2 or an AMD EPYC of Zen 5 (MKL takes
+other paths there).
 
 The model ships in the repository (examples/models/demo-toy, 3 MB) so that no set-up trains it: fp16 weights, and a
 tokenizer that knows only the byte-pair merges of its captions' words. Training builds the full open_clip text tower
