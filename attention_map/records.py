@@ -117,10 +117,13 @@ def _json_lines(path: Path):
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
+            line = text.rstrip("\r\n")      # a column past the newline would name the next line's first
             try:
-                yield number, json.loads(text)
+                yield number, json.loads(line)
             except json.JSONDecodeError as error:
-                yield number, RecordError(number, "", "json", f"not valid JSON ({error.msg} at column {error.colno})")
+                end = ", where the line ends" if error.pos >= len(line.rstrip()) else ""    # a record cut short
+                yield number, RecordError(number, "", "json",
+                                          f"not valid JSON ({error.msg} at column {error.colno}{end})")
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]):

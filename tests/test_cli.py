@@ -202,8 +202,10 @@ def test_a_bad_image_or_record_costs_only_itself(tmp_path, tiny_model):
     assert [r["image_path"] for r in read_manifest(out)] == ["films/synthetic_000_idx0.png",
                                                             "films/synthetic_001_idx0.png"]
     with open(out / "errors.csv", newline="") as handle:
-        errors = {(e["row"], e["stage"]) for e in csv.DictReader(handle)}
-    assert errors == {("3", "load"), ("4", "load"), ("5", "record:image_path"), ("6", "record:json")}
+        errors = {(e["row"], e["stage"]): e["reason"] for e in csv.DictReader(handle)}
+    assert errors.keys() == {("3", "load"), ("4", "load"), ("5", "record:image_path"), ("6", "record:json")}
+    # the column of the record cut short, on its own line, and that the line ends there
+    assert errors["6", "record:json"] == "not valid JSON (Expecting value at column 16, where the line ends)"
 
 
 def test_cam_version_picks_the_method_and_the_manifest_says_which(tmp_path, tiny_model, cxr):
