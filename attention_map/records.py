@@ -127,17 +127,54 @@ def _json_lines(path: Path):
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]):
+    """(line, row) for each row of the CSV, named by the line it starts on. A quoted field may span lines; one whose
+    quote is left open would swallow the rows after it, so that row is a RecordError and reading goes on at the line
+    after the one it starts on."""
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        reader = csv.DictReader(handle)
-        fields = set(reader.fieldnames or [])
-        missing = [c for c in required if c not in fields and not (c == "answer" and "answer_gt" in fields)]
-        if missing:
-            raise DataFileError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                                f"(a CSV needs {','.join(required)})")
-        line = reader.line_num
+        lines = list(handle)        # as csv reads them: a line break inside quotes ends a line here too
+    header = csv.DictReader(lines)
+    fields = header.fieldnames or []
+    missing = [c for c in required if c not in fields and not (c == "answer" and "answer_gt" in fields)]
+    if missing:
+        raise DataFileError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                            f"(a CSV needs {','.join(required)})")
+    start = header.line_num         # index of the first line not yet read
+    while start < len(lines):
+        reader = csv.DictReader(lines[start:], fieldnames=fields)
+        read = 0
         for row in reader:
-            yield line + 1, row
-            line = reader.line_num
+            first = start + read
+            while not lines[first].strip("\r\n"):       # the blank lines csv skips before the row
+                first += 1
+            read = reader.line_num
+            end = start + read
+            unclosed = _unclosed_quote(lines[first:end]) if end - first > 1 else None
+            if unclosed:
+                yield first + 1, _open_quote_error(lines[first], fields, first + 1, end, unclosed)
+                start = first + 1
+                break
+            yield first + 1, row
+        else:
+            return
+
+
+def _unclosed_quote(lines: list[str]) -> str | None:
+    """csv's complaint about a row that spans `lines` when read strictly: a quote that never closes, or closes
+    where no field ends; None for a well-quoted row."""
+    try:
+        list(csv.reader(lines, strict=True))
+    except csv.Error as error:
+        return str(error)
+    return None
+
+
+def _open_quote_error(text: str, fields: list[str], line: int, end: int, complaint: str) -> RecordError:
+    """The RecordError of a row whose quote, opened on its first line `text`, is not closed as CSV expects."""
+    values = next(csv.reader([text]))        # the field whose quote is open is the last one of its first line
+    field = fields[len(values) - 1] if len(values) <= len(fields) else "record"
+    image_path = values[fields.index("image_path")] if "image_path" in fields[:len(values) - 1] else ""
+    return RecordError(line, image_path, field, f"a quote opened here is not closed ({complaint}): it would take "
+                       f"lines {line} to {end} as one row; rows are read on from line {line + 1}")
 
 
 def read_items(path: Path, required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> list[tuple[int, object]]:

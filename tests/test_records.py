@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from attention_map.records import DataFileError, prompts_of, read_records
+from attention_map.records import DataFileError, RecordError, prompts_of, read_records
 
 
 def test_gemex_records(cxr):
@@ -39,6 +39,22 @@ def test_csv_with_quotes_commas_newlines_and_bom(tmp_path):
     assert records[0].line == 2 and records[1].line == 4          # the quoted newline takes a line
     assert [p.text for p in prompts_of(records[1], "question")] == ["left lung"]
     assert [r.q_id for r in records] == ["0", "1"]
+
+
+def test_a_csv_quote_left_open_costs_its_own_row_not_the_rows_it_would_swallow(tmp_path):
+    path = tmp_path / "records.csv"
+    path.write_text('image_path,question,answer\n\nd.png,"two\nlines",No\n'                   # well quoted
+                    'a.png,"never closed?,Yes\nb.png,Plain?,No\nc.png,Also plain?,No\n')      # to the end of the file
+    other = tmp_path / "other.csv"
+    other.write_text('image_path,question,answer\na.png,"closed too late?,Yes\nb.png,"Plain?",No\nc.png,q?,No\n')
+    records, errors = read_records(path)
+    assert [(r.line, r.image_path, r.question) for r in records] == [
+        (3, "d.png", "two\nlines"), (6, "b.png", "Plain?"), (7, "c.png", "Also plain?")]
+    assert errors == [RecordError(5, "a.png", "question", "a quote opened here is not closed (unexpected end of "
+                                  "data): it would take lines 5 to 7 as one row; rows are read on from line 6")]
+    records, errors = read_records(other)
+    assert [(r.line, r.image_path, r.question) for r in records] == [(3, "b.png", "Plain?"), (4, "c.png", "q?")]
+    assert [(e.line, e.field) for e in errors] == [(2, "question")] and "lines 2 to 3" in errors[0].reason
 
 
 def test_csv_without_required_columns_stops_the_run(tmp_path):
