@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import shlex
 import subprocess
@@ -71,7 +72,7 @@ class Settings:
     IMAGE_ROOT: Path | None = _key(None, "folder the records' image paths are relative to (empty: DATA_FILE's folder)",
                                    "dir", optional=True)
     OUTPUT_DIR: Path = _key(Path("results/default"), "where overlays, vqa_manifest.csv and run_config.conf go",
-                            "path")
+                            "outdir")
     PROMPT_SOURCE: str = _key("question", "question: one map per question; regions: one per visual_region; both",
                               "choice", ("question", "regions", "both"))
     STOP_AFTER: int | None = _key(None, "process only the first N images (empty: all)", "int", low=1, optional=True)
@@ -260,6 +261,19 @@ def source_conf(path: Path) -> tuple[dict[str, str], set[str]]:
     return after, changed
 
 
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Raise ValueError unless `folder` is a folder this process can write in, or can be made as one: checked when
+    the settings are read, so that a run does not load its model only to find it cannot write."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {existing} is not writable by this user" + (
+            "" if existing == folder.absolute() else " (the folder would be made in it)"))
+
+
 def _parse_value(name: str, raw: str, where: str):
     """Return the typed value of one key, or raise ValueError with a one-line reason."""
     meta = KEYS[name].metadata
@@ -303,12 +317,14 @@ def _parse_value(name: str, raw: str, where: str):
         if raw.lower() not in spelled:
             raise ValueError(f"{where}: {name}={raw!r} is not one of {', '.join(meta['choices'])}")
         return spelled[raw.lower()]
-    if kind in ("path", "file", "dir"):
+    if kind in ("path", "file", "dir", "outdir"):
         value = Path(raw).expanduser()
         if kind == "file" and not value.is_file():
             raise ValueError(f"{where}: {name}={raw} does not exist or is not a file")
         if kind == "dir" and not value.is_dir():
             raise ValueError(f"{where}: {name}={raw} does not exist or is not a folder")
+        if kind == "outdir":
+            _check_writable_folder(value, f"{where}: {name}={raw}")
         return value
     if kind == "model":
         if not raw.startswith(("hf-hub:", VLM_PREFIX) + CLASSIFIER_PREFIXES + DETECTOR_PREFIXES):

@@ -334,7 +334,10 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
              f" (FALLBACK_CAM={fallback.name})" if fallback else "", how, workers)
 
     # Only now is anything written: a run that cannot start leaves OUTPUT_DIR as it was.
-    settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    except OSError as error:        # checked with the settings; this is what the check cannot foresee
+        raise ConfigError([f"OUTPUT_DIR={settings.OUTPUT_DIR} cannot be made: {error.strerror}"]) from None
     recorded = dataclasses.replace(settings, SHARD_INDEX=None, SHARD_COUNT=shard.count)
     outputs.write_atomic(settings.OUTPUT_DIR / outputs.RUN_CONFIG, recorded.to_conf().encode())
     (settings.OUTPUT_DIR / outputs.MANIFEST).unlink(missing_ok=True)   # present only when every shard is done

@@ -64,15 +64,18 @@ def test_body_mask_is_chosen_by_name_and_enable_body_mask_false_still_means_none
 
 
 def test_every_bad_value_is_reported_one_line_each(tmp_path):
+    (tmp_path / "a-file").write_text("")
     conf = _conf(tmp_path, 'DATA_FILE=/no/such/file.jsonl\nTOPK=0\nALPHA=2\nCOLORMAP=rainbow\nSKIP_CRF=maybe\n'
-                           'BATCH_SIZE=big\nMODEL=/no/such/model\n')
+                           f'BATCH_SIZE=big\nMODEL=/no/such/model\nOUTPUT_DIR={tmp_path}/a-file/out\n')
     with pytest.raises(ConfigError) as caught:
         load_settings(conf)
     problems = caught.value.problems
-    assert len(problems) == 7
-    for key in ("DATA_FILE", "TOPK", "ALPHA", "COLORMAP", "SKIP_CRF", "BATCH_SIZE", "MODEL"):
+    assert len(problems) == 8
+    for key in ("DATA_FILE", "TOPK", "ALPHA", "COLORMAP", "SKIP_CRF", "BATCH_SIZE", "MODEL", "OUTPUT_DIR"):
         assert any(p.startswith(f"{conf}: {key}") for p in problems), key
     assert all("\n" not in p for p in problems)
+    # a folder that cannot be made is found before the model loads, not when the first output is written
+    assert f"{conf}: OUTPUT_DIR={tmp_path}/a-file/out: {tmp_path}/a-file is a file, not a folder" in problems
 
 
 def test_bash_errors_are_reported(tmp_path):
