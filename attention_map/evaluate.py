@@ -53,6 +53,10 @@ class Boxes:
 def read_truth(path: Path) -> dict:
     """{(image_path, q_id): [Boxes per visual region]} for GEMeX records, {image_path: [Boxes]} for a box CSV."""
     path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'} (--truth "
+                              f"takes GEMeX records with visual_locations, JSONL or JSON, or a box CSV "
+                              f"image_path,x,y,w,h[,label])")
     if path.suffix.lower() == ".csv":
         truth: dict = {}
         with open(path, newline="", encoding="utf-8-sig") as handle:

@@ -85,3 +85,7 @@ def test_pixel_box_csv_truth_and_clear_errors(random_run, cxr, tmp_path):
     assert failed.returncode == 2 and "missing column(s) h, image_path, w" in failed.stderr
     no_run = cli("evaluate", tmp_path, "--truth", boxes)
     assert no_run.returncode == 2 and "vqa_manifest.csv not found" in no_run.stderr
+    no_truth = cli("evaluate", random_run, "--truth", tmp_path / "typo.csv")
+    assert no_truth.returncode == 2 and no_truth.stderr.strip().splitlines() == [
+        f"attention-map: {tmp_path / 'typo.csv'}: no such file (--truth takes GEMeX records with visual_locations, "
+        f"JSONL or JSON, or a box CSV image_path,x,y,w,h[,label])"]
