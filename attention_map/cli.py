@@ -1,9 +1,9 @@
 """Command line: run | merge | evaluate | robustness | report | fetch-model | make-test-model | train-toy-model |
 train-zone-model | train-lesion-detector | make-demo-data | default-conf.
 
-Exit status: 0 all done; 2 the run could not start (settings, data file, model; nothing written); 3 finished, but
-some records or images failed (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found
-shards that have not finished.
+Exit status: 0 all done; 1 the file system refused a read or write (the file named, -v for the traceback); 2 the
+run could not start (settings, data file, model; nothing written); 3 finished, but some records or images failed
+(OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found shards that have not finished.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import DEFAULT_MODEL, ConfigError, default_conf_text, load_settings, parse_overrides
 
+EXIT_FILE_SYSTEM = 1
 EXIT_CONFIG = 2
 EXIT_SHARDS_MISSING = 5
 
@@ -134,7 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("attention_map")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _command(args, log)
+    except OSError as error:        # a folder that is a file, no permission, a full disk: the user's to fix
+        if args.verbose:
+            raise
+        print(f"attention-map: {error.filename + ': ' if error.filename else ''}{error.strerror or error}",
+              file=sys.stderr)
+        return EXIT_FILE_SYSTEM
 
+
+def _command(args: argparse.Namespace, log: logging.Logger) -> int:
     if args.command == "default-conf":
         sys.stdout.write(default_conf_text())
         return 0

@@ -150,6 +150,16 @@ def test_make_test_model_is_deterministic(tmp_path):
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
+def test_a_path_the_file_system_refuses_is_one_line_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for command in (("make-demo-data", tmp_path / "a-file" / "demo"), ("make-test-model", tmp_path / "a-file")):
+        refused = cli(*command)
+        assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0, refused.stderr
+        assert refused.stderr.startswith(f"attention-map: {tmp_path / 'a-file'}"), refused.stderr
+    verbose = cli("-v", "make-test-model", tmp_path / "a-file")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "FileExistsError" in verbose.stderr
+
+
 def test_fetch_model_writes_a_self_contained_folder(tmp_path, biomedclip_model):
     """fetch-model against a stand-in hub laid out like BiomedCLIP's two repositories."""
     import json
