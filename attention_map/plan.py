@@ -102,6 +102,8 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
     groups: dict[Source, list[Job]] = {}
     frames_of: dict[Path, list[int | str]] = {}   # files in first-seen order, with the frames each gives
     taken: dict[str, int] = {}
+    # the films the records read: where OUTPUT_DIR is IMAGE_ROOT or holds it, an output must not replace one
+    films = {os.path.abspath(os.path.join(settings.IMAGE_ROOT, record.image_path)) for record in records}
     index = 0
     for record in records:
         try:
@@ -131,8 +133,16 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
                     errors.append((str(record.line), record.image_path, f"record:{key}",
                                    f"output {name} is already made by the record on line {taken[name]}"))
                     break
+                job = make_job(index, prompt, name, number, settings)
+                film = next((file for file in (job.heatmap, job.boxes_image, job.raw_map)
+                             if file and os.path.abspath(settings.OUTPUT_DIR / file) in films), None)
+                if film:
+                    errors.append((str(record.line), record.image_path, f"record:{key}",
+                                   f"output {film} would replace a film that the records read: choose an OUTPUT_DIR "
+                                   f"apart from IMAGE_ROOT"))
+                    break
                 taken[name] = record.line
-                groups.setdefault(Source(path, frame), []).append(make_job(index, prompt, name, number, settings))
+                groups.setdefault(Source(path, frame), []).append(job)
                 index += 1
     return groups
 

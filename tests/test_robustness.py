@@ -118,6 +118,23 @@ def test_awkward_csv_rows_work_or_are_reported_one_line_each(tmp_path, tiny_mode
                       ("7", "record:q_id", "output images/f2_idx0.png is already made by the record on line 6")]
 
 
+def test_an_output_never_replaces_a_film_the_records_read(tmp_path, tiny_model):
+    """OUTPUT_DIR = IMAGE_ROOT, and a film named as another film's overlay would be: that overlay fails, the film
+    stays as it was and still gets its own heatmap."""
+    for seed, name in ((0, "a.png"), (1, "a_idx0.png")):
+        Image.fromarray(_grey(seed)).save(tmp_path / name)
+    film = (tmp_path / "a_idx0.png").read_bytes()
+    data = tmp_path / "records.csv"
+    data.write_text("image_path,question,answer\na.png,Is it?,yes\na_idx0.png,Is it?,no\n")
+    result = cli("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={tmp_path}", "SKIP_CRF=true")
+    assert result.returncode == 3, result.stderr
+    assert (tmp_path / "a_idx0.png").read_bytes() == film
+    assert [r["image_path"] for r in read_manifest(tmp_path)] == ["a_idx0_idx1.png"]     # q_id: the row's index
+    assert [(e["row"], e["reason"]) for e in _errors(tmp_path)] == [
+        ("2", "output a_idx0.png would replace a film that the records read: choose an OUTPUT_DIR apart from "
+              "IMAGE_ROOT")]
+
+
 def test_a_data_file_without_an_answer_column_stops_before_anything_is_written(tmp_path, tiny_model):
     data = tmp_path / "records.csv"
     data.write_text("image_path,question\nf0.png,Is it?\n")
