@@ -3,6 +3,7 @@ mask / CRF / overlays written in worker processes beside it -> this shard's mani
 array)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -279,6 +280,11 @@ def _skip_finished(films: dict[Source, list[Job]], progress: shards.Progress,
 
 def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
     """Make the heatmaps of this shard of `settings` (all of them outside a Slurm array); resumable."""
+    with contextlib.ExitStack() as hold:      # the shard, once the run starts writing it, until the run returns
+        return _run(settings, environ, hold)
+
+
+def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.ExitStack) -> Summary:
     started = time.perf_counter()
     environ = dict(os.environ) if environ is None else environ
     device = resolve_device(settings.DEVICE)
@@ -338,6 +344,7 @@ def run(settings: Settings, environ: dict[str, str] | None = None) -> Summary:
         settings.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     except OSError as error:        # checked with the settings; this is what the check cannot foresee
         raise ConfigError([f"OUTPUT_DIR={settings.OUTPUT_DIR} cannot be made: {error.strerror}"]) from None
+    hold.enter_context(shards.held(settings.OUTPUT_DIR, shard))
     recorded = dataclasses.replace(settings, SHARD_INDEX=None, SHARD_COUNT=shard.count)
     outputs.write_atomic(settings.OUTPUT_DIR / outputs.RUN_CONFIG, recorded.to_conf().encode())
     (settings.OUTPUT_DIR / outputs.MANIFEST).unlink(missing_ok=True)   # present only when every shard is done

@@ -4,16 +4,22 @@ Under OUTPUT_DIR/shards/, for shard i of n (`0003-of-0008`):
   progress-<i>-of-<n>.jsonl  one line per finished heatmap, appended once its PNGs are in place
   manifest-<i>-of-<n>.csv    the shard's manifest rows and their place in the input order, written when it ends
   errors-<i>-of-<n>.csv      the shard's failed items, written when it ends
+  lock-<i>-of-<n>            locked while a run writes the shard; it names the run's process, host and start
 `merge` joins the n shard manifests into vqa_manifest.csv (input order), boxes.jsonl (where boxes are made),
 detections.jsonl (where a detector made the maps) and errors.csv, and the frames' overlays of each clip into an overlay clip (attention_map.clips). Shards never write the
 same file, so array tasks can share one OUTPUT_DIR.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shlex
+import socket
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -59,8 +65,37 @@ class Shard:
         return film_number % self.count == self.index
 
     def path(self, output_dir: Path, kind: str) -> Path:
-        suffix = ".jsonl" if kind == "progress" else ".csv"
+        suffix = {"progress": ".jsonl", "lock": ""}.get(kind, ".csv")
         return output_dir / FOLDER / f"{kind}-{self.tag}{suffix}"
+
+
+@contextlib.contextmanager
+def held(output_dir: Path, shard: Shard):
+    """Hold this shard of OUTPUT_DIR for the block: a second run writing it at once (the same job submitted twice,
+    two configs with one OUTPUT_DIR) would replace the progress file that this one appends to, and mix its
+    heatmaps with this one's. An flock, so a killed run lets go; on a file system without locks, a warning."""
+    path = shard.path(output_dir, "lock")
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ConfigError([f"{output_dir}: shard {shard.tag} is being written by another run "
+                               f"({handle.read().strip() or 'its process unknown'}): wait for it to end, or give "
+                               f"this run another OUTPUT_DIR"]) from None
+        except OSError as error:      # some NFS and Lustre mounts have no locks
+            log.warning("%s cannot be locked (%s): two runs writing this shard at once would spoil it", path,
+                        error.strerror)
+            yield
+            return
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)        # it names a run only while the run holds it (a killed run's stays)
 
 
 def recorded_shard_count(output_dir: Path) -> int | None:

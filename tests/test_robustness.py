@@ -88,7 +88,7 @@ def test_every_bad_image_lands_in_errors_csv_and_every_good_one_is_drawn(tmp_pat
     assert errors[""]["stage"] == "record:json" and errors[""]["row"] == str(len(images) + 1)
     overlays = {Path(name).stem + "_idx0.png" for name in good}
     bookkeeping = {"vqa_manifest.csv", "errors.csv", "run_config.conf", "shards/progress-0000-of-0001.jsonl",
-                   "shards/manifest-0000-of-0001.csv", "shards/errors-0000-of-0001.csv"}
+                   "shards/manifest-0000-of-0001.csv", "shards/errors-0000-of-0001.csv", "shards/lock-0000-of-0001"}
     assert _files(out) == overlays | bookkeeping   # nothing else, no temporary files
 
 
@@ -116,6 +116,39 @@ def test_awkward_csv_rows_work_or_are_reported_one_line_each(tmp_path, tiny_mode
     assert errors == [("4", "record:question", "not UTF-8 text (byte 0xE9); save records.csv as UTF-8"),
                       ("5", "record:question", "empty prompt"),
                       ("7", "record:q_id", "output images/f2_idx0.png is already made by the record on line 6")]
+
+
+def test_a_second_run_on_a_shard_being_written_stops_and_names_the_first(tmp_path, tiny_model):
+    """Two runs writing one shard at once would spoil its progress file; the second stops before it writes, naming
+    the first (here a process that holds the shard, as a run does), and a killed holder lets go."""
+    import subprocess
+    import sys
+
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=2, size=96)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from attention_map.shards import Shard, held; "
+                               "hold = held(Path(sys.argv[1]), Shard(0, 1)); hold.__enter__(); "
+                               "print('held', flush=True); time.sleep(300)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        run = ("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "SKIP_CRF=true")
+        refused = cli(*run)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1].startswith(
+            f"attention-map: {out}: shard 0000-of-0001 is being written by another run (pid {holder.pid} on "), (
+            refused.stderr)
+        assert sorted(p.name for p in out.rglob("*")) == ["lock-0000-of-0001", "shards"]   # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    result = cli(*run)
+    assert result.returncode == 0, result.stderr
+    assert len(read_manifest(out)) == 2 and (out / "shards" / "lock-0000-of-0001").read_text() == ""
 
 
 def test_an_output_never_replaces_a_film_the_records_read(tmp_path, tiny_model):
