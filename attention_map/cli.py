@@ -3,7 +3,8 @@ train-zone-model | train-lesion-detector | make-demo-data | default-conf.
 
 Exit status: 0 all done; 1 the file system refused a read or write (the file named, -v for the traceback); 2 the
 run could not start (settings, data file, model; nothing written); 3 finished, but some records or images failed
-(OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found shards that have not finished.
+(OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found shards that have not finished; 130
+interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .config import DEFAULT_MODEL, ConfigError, default_conf_text, load_settings
 EXIT_FILE_SYSTEM = 1
 EXIT_CONFIG = 2
 EXIT_SHARDS_MISSING = 5
+EXIT_INTERRUPTED = 130    # as a shell reports a command that Ctrl-C stopped (128 + SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention-map: {error.filename + ': ' if error.filename else ''}{error.strerror or error}",
               file=sys.stderr)
         return EXIT_FILE_SYSTEM
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print("attention-map: interrupted; what was finished is kept (the same command again resumes a run)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _command(args: argparse.Namespace, log: logging.Logger) -> int:

@@ -151,6 +151,35 @@ def test_a_second_run_on_a_shard_being_written_stops_and_names_the_first(tmp_pat
     assert len(read_manifest(out)) == 2 and (out / "shards" / "lock-0000-of-0001").read_text() == ""
 
 
+def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path, tiny_model):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=12, size=192)
+    out = tmp_path / "out"
+    run = ("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "SKIP_CRF=false")
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "attention_map", *map(str, run)], stderr=stderr,
+                                   stdout=subprocess.DEVNULL)
+        journal = out / "shards" / "progress-0000-of-0001.jsonl"
+        deadline = time.monotonic() + 300
+        while not (journal.exists() and journal.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+        stderr.seek(0)
+        said = stderr.read()
+    assert "Traceback" not in said and said.strip().splitlines()[-1] == (
+        "attention-map: interrupted; what was finished is kept (the same command again resumes a run)"), said
+    again = cli(*run)
+    assert again.returncode == 0 and "already done" in again.stdout and ", 0 already done" not in again.stdout
+    assert len(read_manifest(out)) == 12
+
+
 def test_an_output_never_replaces_a_film_the_records_read(tmp_path, tiny_model):
     """OUTPUT_DIR = IMAGE_ROOT, and a film named as another film's overlay would be: that overlay fails, the film
     stays as it was and still gets its own heatmap."""
