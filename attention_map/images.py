@@ -327,7 +327,7 @@ def read_film(path: Path, max_pixels: int | None = None, frame: int | str = "fir
     """
     path = Path(path)
     if not path.exists():
-        raise ImageError("file not found")
+        raise ImageError(f"file not found: {path}")        # the path looked at: IMAGE_ROOT joined
     if not path.is_file():
         raise ImageError("not a file")
     if is_video(path):

@@ -447,6 +447,10 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
         bar.close()
         progress.close([job.overlay for jobs in mine.values() for job in jobs])
     summary.stage_seconds = times.ordered()
+    if summary.errors and not summary.heatmaps and all(reason.startswith("file not found")
+                                                        for *_, reason in summary.errors):
+        log.warning("no image of the records was found under IMAGE_ROOT=%s: is it the folder their image_path is "
+                    "relative to?", settings.IMAGE_ROOT)
 
     if summary.stopped:
         outputs.write_atomic(summary.errors_file, outputs.errors_bytes(summary.errors))

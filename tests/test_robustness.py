@@ -180,6 +180,19 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path
     assert len(read_manifest(out)) == 12
 
 
+def test_a_wrong_image_root_names_the_paths_looked_at_and_says_what_to_check(tmp_path, tiny_model):
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=2, size=96)
+    out = tmp_path / "out"
+    result = cli("run", f"DATA_FILE={data}", f"IMAGE_ROOT={tmp_path}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}")
+    assert result.returncode == 3, result.stderr
+    assert [e["reason"] for e in _errors(out)] == [f"file not found: {tmp_path / 'films'}/synthetic_00{i}.png"
+                                                   for i in range(2)]
+    assert (f"no image of the records was found under IMAGE_ROOT={tmp_path}: is it the folder their image_path is "
+            f"relative to?") in result.stderr
+
+
 def test_an_output_never_replaces_a_film_the_records_read(tmp_path, tiny_model):
     """OUTPUT_DIR = IMAGE_ROOT, and a film named as another film's overlay would be: that overlay fails, the film
     stays as it was and still gets its own heatmap."""
