@@ -290,6 +290,7 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
     device = resolve_device(settings.DEVICE)
     shard = shards.resolve_shard(settings, environ)
     _check_earlier_run(settings)
+    shards.check_free(settings.OUTPUT_DIR, shard)
     summary = Summary(output_dir=settings.OUTPUT_DIR, shard=shard.tag if shard.count > 1 else "",
                       errors_file=settings.OUTPUT_DIR / outputs.ERRORS if shard.count == 1 else
                       shard.path(settings.OUTPUT_DIR, "errors"))

@@ -78,12 +78,7 @@ def held(output_dir: Path, shard: Shard):
     path.parent.mkdir(exist_ok=True)
     with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise ConfigError([f"{output_dir}: shard {shard.tag} is being written by another run "
-                               f"({handle.read().strip() or 'its process unknown'}): wait for it to end, or give "
-                               f"this run another OUTPUT_DIR"]) from None
+            _lock(handle, output_dir, shard)
         except OSError as error:      # some NFS and Lustre mounts have no locks
             log.warning("%s cannot be locked (%s): two runs writing this shard at once would spoil it", path,
                         error.strerror)
@@ -96,6 +91,26 @@ def held(output_dir: Path, shard: Shard):
             yield
         finally:
             handle.truncate(0)        # it names a run only while the run holds it (a killed run's stays)
+
+
+def check_free(output_dir: Path, shard: Shard) -> None:
+    """Raise ConfigError now, before the model loads, where another run holds this shard (held() takes it only
+    when the run starts writing). Writes nothing."""
+    path = shard.path(output_dir, "lock")
+    if path.is_file():
+        with open(path) as handle, contextlib.suppress(OSError):   # no locks: held() will say so
+            _lock(handle, output_dir, shard)                          # let go as the file closes
+
+
+def _lock(handle, output_dir: Path, shard: Shard) -> None:
+    """flock the open lock file `handle`; ConfigError naming the holder where another run has it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise ConfigError([f"{output_dir}: shard {shard.tag} is being written by another run "
+                           f"({handle.read().strip() or 'its process unknown'}): wait for it to end, or give this "
+                           f"run another OUTPUT_DIR"]) from None
 
 
 def recorded_shard_count(output_dir: Path) -> int | None:

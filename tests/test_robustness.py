@@ -119,11 +119,15 @@ def test_awkward_csv_rows_work_or_are_reported_one_line_each(tmp_path, tiny_mode
 
 
 def test_a_second_run_on_a_shard_being_written_stops_and_names_the_first(tmp_path, tiny_model):
-    """Two runs writing one shard at once would spoil its progress file; the second stops before it writes, naming
-    the first (here a process that holds the shard, as a run does), and a killed holder lets go."""
+    """Two runs writing one shard at once would spoil its progress file; the second stops before it loads its model,
+    naming the first (here a process that holds the shard, as a run does), and a killed holder lets go."""
     import subprocess
     import sys
 
+    import pytest
+
+    from attention_map.config import ConfigError
+    from attention_map.shards import Shard, held
     from attention_map.synthetic import write_demo_data
 
     data = write_demo_data(tmp_path / "data", count=2, size=96)
@@ -143,6 +147,11 @@ def test_a_second_run_on_a_shard_being_written_stops_and_names_the_first(tmp_pat
             f"attention-map: {out}: shard 0000-of-0001 is being written by another run (pid {holder.pid} on "), (
             refused.stderr)
         assert sorted(p.name for p in out.rglob("*")) == ["lock-0000-of-0001", "shards"]   # nothing else written
+        assert f"model {tiny_model} on" not in refused.stderr      # found before the model loads
+        busy = f"shard 0000-of-0001 is being written by another run \\(pid {holder.pid} "
+        with pytest.raises(ConfigError, match=busy):
+            with held(out, Shard(0, 1)):      # where the run takes the shard, had the holder come after that check
+                pass
     finally:
         holder.kill()
         holder.wait()
