@@ -193,7 +193,11 @@ def read_items(path: Path, required: tuple[str, ...] = REQUIRED_CSV_COLUMNS) -> 
                 except json.JSONDecodeError as error:
                     raise DataFileError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
                 return list(enumerate(items, start=1))
-        return list(_json_lines(path))
+        items = list(_json_lines(path))
+        if items and all(isinstance(item, RecordError) for _, item in items):   # a CSV named .txt, say
+            raise DataFileError(f"{path}: no line is a JSON record (records are GEMeX JSONL or JSON, or a CSV "
+                                f"whose name ends in .csv)")
+        return items
     except UnicodeDecodeError as error:
         raise DataFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 

@@ -64,6 +64,13 @@ def test_csv_without_required_columns_stops_the_run(tmp_path):
         read_records(path)
 
 
+def test_a_file_with_no_json_line_is_refused_as_a_whole(tmp_path):
+    path = tmp_path / "records.txt"
+    path.write_text("image_path,question,answer\na.png,q?,yes\n")       # a CSV under another name
+    with pytest.raises(DataFileError, match=r"records.txt: no line is a JSON record \(.*a CSV whose name ends in .csv"):
+        read_records(path)
+
+
 def test_broken_jsonl_line_is_one_record_error(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"image_path": "a.png", "question": "q", "answer": "a"}\n{"image_path": \n'
