@@ -316,6 +316,9 @@ def _load_raster(path: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageError(f"unreadable image: {str(error).splitlines()[0]}") from None
 
 
+NOT_FOUND = "file not found"     # the start of a missing image's reason (the run's summary looks for it)
+
+
 def read_film(path: Path, max_pixels: int | None = None, frame: int | str = "first") -> Film:
     """The film at `path` with the frame it is and the reader's warning (see Film).
 
@@ -327,7 +330,7 @@ def read_film(path: Path, max_pixels: int | None = None, frame: int | str = "fir
     """
     path = Path(path)
     if not path.exists():
-        raise ImageError(f"file not found: {path}")        # the path looked at: IMAGE_ROOT joined
+        raise ImageError(f"{NOT_FOUND}: {path}")        # the path looked at: IMAGE_ROOT joined
     if not path.is_file():
         raise ImageError("not a file")
     if is_video(path):

@@ -26,7 +26,7 @@ from .cams.layers import on_layers
 from .config import ConfigError, Settings, model_kind
 from . import heatmaps
 from .heatmaps import StageError
-from .images import ImageError, read_film
+from .images import NOT_FOUND, ImageError, read_film
 from .models import ModelLoadError, load_model
 from .plan import Job, Made, Source, manifest_row, plan_jobs
 from .timing import StageTimes
@@ -448,7 +448,7 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
         bar.close()
         progress.close([job.overlay for jobs in mine.values() for job in jobs])
     summary.stage_seconds = times.ordered()
-    if summary.errors and not summary.heatmaps and all(reason.startswith("file not found")
+    if summary.errors and not summary.heatmaps and all(reason.startswith(NOT_FOUND)
                                                         for *_, reason in summary.errors):
         log.warning("no image of the records was found under IMAGE_ROOT=%s: is it the folder their image_path is "
                     "relative to?", settings.IMAGE_ROOT)

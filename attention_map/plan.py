@@ -77,6 +77,11 @@ def part_job(job: Job, part: int, parts: int, suffix: str) -> Job:
                                parts=parts, parent=job.overlay)
 
 
+def _film_path(settings: Settings, record) -> Path:
+    """The file a record's image_path names, under IMAGE_ROOT."""
+    return Path(os.path.normpath(os.path.join(settings.IMAGE_ROOT, record.image_path)))
+
+
 def _frames(path: Path, settings: Settings) -> list[int | str]:
     """The frames to explain: of a video clip, and of a DICOM under DICOM_FRAME=all, every FRAME_STRIDE-th frame up
     to MAX_FRAMES (the count read from the header); else the one the loader picks. A clip without frames is left to
@@ -103,7 +108,7 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
     frames_of: dict[Path, list[int | str]] = {}   # files in first-seen order, with the frames each gives
     taken: dict[str, int] = {}
     # the films the records read: where OUTPUT_DIR is IMAGE_ROOT or holds it, an output must not replace one
-    films = {os.path.abspath(os.path.join(settings.IMAGE_ROOT, record.image_path)) for record in records}
+    films = {os.path.abspath(_film_path(settings, record)) for record in records}
     index = 0
     for record in records:
         try:
@@ -112,7 +117,7 @@ def plan_jobs(settings: Settings, errors: list) -> dict[Source, list[Job]]:
         except ValueError as error:
             errors.append((str(record.line), record.image_path, "record:image_path", str(error)))
             continue
-        path = Path(os.path.normpath(os.path.join(settings.IMAGE_ROOT, record.image_path)))
+        path = _film_path(settings, record)
         if path not in frames_of:
             if settings.STOP_AFTER is not None and len(frames_of) >= settings.STOP_AFTER:
                 continue

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def make_bad_corpus(folder: Path) -> dict[str, str]:
 
 def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def _wait_for_heatmaps(process, out: Path, count: int) -> None:
+    """Wait until the run `process`, writing `out`, has begun (its run_config.conf) and finished `count` heatmaps; it
+    must still be running then."""
+    journal = out / "shards" / "progress-0000-of-0001.jsonl"
+    deadline = time.monotonic() + 300
+    while (not (out / "run_config.conf").exists() or (journal.read_bytes().count(b"\n") if journal.exists() else 0)
+           < count) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before the kill point ({count} heatmaps)"
 
 
 def _errors(folder: Path) -> list[dict]:
@@ -164,7 +176,6 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
     from attention_map.synthetic import write_demo_data
 
@@ -174,10 +185,7 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path
     with open(tmp_path / "stderr.txt", "w+") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "attention_map", *map(str, run)], stderr=stderr,
                                    stdout=subprocess.DEVNULL)
-        journal = out / "shards" / "progress-0000-of-0001.jsonl"
-        deadline = time.monotonic() + 300
-        while not (journal.exists() and journal.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_heatmaps(process, out, 1)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 130
         stderr.seek(0)
@@ -298,7 +306,6 @@ def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr,
     import signal
     import subprocess
     import sys
-    import time
 
     from test_cli import REPO
 
@@ -314,20 +321,12 @@ def test_killed_runs_resume_to_byte_identical_outputs(tmp_path, tiny_model, cxr,
     request.addfinalizer(uninterrupted.kill)        # a failed assertion below does not leave it running
 
     out = tmp_path / "killed"
-    journal = out / "shards" / "progress-0000-of-0001.jsonl"
     heatmaps = 18       # the first 8 films' questions and region prompts (PROMPT_SOURCE=both); checked below
-
-    def finished() -> int:
-        return journal.read_bytes().count(b"\n") if journal.exists() else 0
 
     # kill points: as soon as the run has written its config, then after a few, about half, and most heatmaps
     for target in (0, 3, heatmaps // 2, heatmaps - 2):
         process = subprocess.Popen(command(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while (not (out / "run_config.conf").exists() or finished() < target) and process.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert process.poll() is None, f"the run ended before the kill point ({target} heatmaps)"
+        _wait_for_heatmaps(process, out, target)
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         assert not (out / "vqa_manifest.csv").exists()
