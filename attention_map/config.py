@@ -226,8 +226,26 @@ _BASH_VARIABLES = {"BASH_ARGC", "BASH_ARGV", "BASH_LINENO", "BASH_SOURCE", "BASH
 
 _DUMP = r'''__am_dump() { local __am_n; for __am_n in $(compgen -v); do printf '%s\0%s\0' "$__am_n" "${!__am_n-}"; done; }
 __am_dump; printf '__AM_SPLIT__\0\0'
-source "$1" >&2 || exit 97
+source "$1" >&2 || exit $?
 __am_dump'''
+
+
+_BASH_ERROR = re.compile(r"^(.+?): line (\d+): (.+)$")
+
+
+def _bash_error(line: str, path: Path) -> str:
+    """One error line of bash, as a problem: named by the config file, a carriage return shown, a hint where the
+    mistake is a common one."""
+    file, number, message = _BASH_ERROR.match(line).groups()
+    problem = f"{file}: line {number}: {message}".replace("\r", "\\r")
+    if file != str(path):
+        problem = f"{path}: {problem}"
+    command = re.match(r"(.+): command not found$", message)
+    if command and command.group(1) in KEYS:
+        problem += f" (bash takes no spaces around '=': {command.group(1)}=value)"
+    if "\r" in line:
+        problem += " (the file has Windows line endings: convert it with dos2unix)"
+    return problem
 
 
 def _format(value) -> str:
@@ -246,9 +264,14 @@ def source_conf(path: Path) -> tuple[dict[str, str], set[str]]:
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
     proc = subprocess.run(["bash", "-c", _DUMP, "attention-map-conf", str(path)], capture_output=True)
+    # bash goes on after a failed command, so a file that sources a missing file or writes `KEY = value` still
+    # exits 0, its settings silently unset: bash's own error lines (`FILE: line N: ...`) stop the run instead
+    message = proc.stderr.decode(errors="replace").strip().split("\n")     # not at a \r, which bash may print
+    errors = [_bash_error(line, path) for line in message if _BASH_ERROR.match(line)]
+    if errors:
+        raise ConfigError(errors)
     if proc.returncode != 0:
-        message = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise ConfigError([f"{path}: bash could not source it: {message[-1] if message else 'exit ' + str(proc.returncode)}"])
+        raise ConfigError([f"{path}: bash could not source it: its last command exited {proc.returncode}"])
     before_raw, after_raw = proc.stdout.split(b"__AM_SPLIT__\0\0", 1)
 
     def parse(raw: bytes) -> dict[str, str]:
@@ -279,6 +302,9 @@ def _parse_value(name: str, raw: str, where: str):
     meta = KEYS[name].metadata
     kind = meta["kind"]
     raw = raw.strip()
+    if "\r" in raw:        # stripped at the ends, so a helper variable of a file with Windows line endings brought it
+        raise ValueError(f"{where}: {name}={raw!r} holds a carriage return (\\r): the file has Windows line endings; "
+                         "convert it with dos2unix")
     if kind == "list":
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     if raw == "":

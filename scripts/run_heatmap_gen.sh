@@ -23,12 +23,13 @@ if [ ! -f "$conf" ]; then
     exit 2
 fi
 # The keys this script needs, read in a subshell so that sourcing leaves the run's environment as it was
-# (the run reads CONF itself). Unset keys take their defaults from configs/default.conf.
+# (the run reads CONF itself). Unset keys take their defaults from configs/default.conf. bash's errors in CONF are
+# left to the run, which reports each on one line and stops: here sourcing goes on past them, as bash's does.
 keys=(CONTAINER CONTAINER_IMAGE OFFLINE RESULTS_ROOT DATA_FILE IMAGE_ROOT OUTPUT_DIR MODEL HF_HOME)
 mapfile -d '' values < <(
-    set +u
+    set +eu
     # shellcheck disable=SC1090
-    source "$conf" > /dev/null
+    source "$conf" > /dev/null 2>&1
     for key in "${keys[@]}"; do printf '%s\0' "${!key-}"; done
 )
 declare -A setting

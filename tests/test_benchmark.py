@@ -17,13 +17,19 @@ def _bench(script: str, *args) -> str:
 
 
 def test_benchmark_reports_both_implementations_and_their_agreement(tiny_model, cxr, tmp_path):
-    # 40 films from a folder of fewer repeat under new names; the reference runs on the first 2
-    out = _bench("bench_gscorecam.py", "--model", tiny_model, "--topk", "8", "--prompts", "3", "--films", "40",
-                 "--reference-films", "2", "--work", tmp_path, "--films-per-batch", "3", "--compile")
+    # 5 films from a folder of 2 repeat under new names; the reference runs on the first 2; 3 films per batch leave
+    # a short last batch. Few films: the engine runs three times (default, 3 films per batch, compiled).
+    folder = tmp_path / "data" / "nih"
+    folder.mkdir(parents=True)
+    for film in sorted((cxr / "nih").glob("*.png"))[:2]:
+        (folder / film.name).symlink_to(film)
+    out = _bench("bench_gscorecam.py", "--model", tiny_model, "--cxr", folder.parent, "--topk", "8", "--prompts", "3",
+                 "--films", "5", "--reference-films", "2", "--work", tmp_path / "work", "--films-per-batch", "3",
+                 "--compile")
     assert "(a) reference, per prompt" in out and "(b) engine, as a user runs it" in out
     assert out.count("seconds per stage: decode") == 2 and "masked forwards" in out and "png write" in out
-    assert "40 films (2 for the reference) x 3 prompts" in out
-    assert re.search(r"\(a\) reference.*: 6 heatmaps .*\n.*\n\(b\) engine.*: 120 heatmaps", out)
+    assert "5 films (2 for the reference) x 3 prompts" in out
+    assert re.search(r"\(a\) reference.*: 6 heatmaps .*\n.*\n\(b\) engine.*: 15 heatmaps", out)
     difference = re.search(r"\|map \(a\) - map \(b\)\|: max ([0-9.e+-]+), .* (\d+) of (\d+) maps differ", out)
     assert float(difference.group(1)) <= 1e-4 and difference.group(2, 3) == ("0", "6")
     fewer = float(re.search(r"image forwards per heatmap ([0-9.]+)x fewer", out).group(1))

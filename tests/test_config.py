@@ -80,8 +80,45 @@ def test_every_bad_value_is_reported_one_line_each(tmp_path):
 
 def test_bash_errors_are_reported(tmp_path):
     conf = _conf(tmp_path, 'DATA_FILE="unterminated\n')
-    with pytest.raises(ConfigError, match="bash could not source it"):
+    with pytest.raises(ConfigError, match=re.escape(f"{conf}: line 1: unexpected EOF while looking for matching")):
         load_settings(conf)
+    (tmp_path / "last.conf").write_text("echo a note\nfalse\n")
+    with pytest.raises(ConfigError, match=re.escape("last.conf: bash could not source it: its last command exited 1")):
+        load_settings(tmp_path / "last.conf")
+
+
+def test_what_bash_goes_on_after_stops_the_run_one_line_each(tmp_path):
+    """bash goes on after a failed command and exits 0: a sourced file that is missing, `KEY = value` or a command
+    not found would leave settings silently at their defaults."""
+    (tmp_path / "base.conf").write_text(f'DATA_FILE="{tmp_path}/records.jsonl"\nno-such-command\n')
+    conf = _conf(tmp_path, f'source "{tmp_path}/no-such.conf"\nsource "{tmp_path}/base.conf"\nSTOP_AFTER = 2\n'
+                           'X=$(also-no-such-command)\nTOPK=8\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    assert caught.value.problems == [
+        f"{conf}: line 1: {tmp_path}/no-such.conf: No such file or directory",
+        f"{conf}: {tmp_path}/base.conf: line 2: no-such-command: command not found",
+        f"{conf}: line 3: STOP_AFTER: command not found (bash takes no spaces around '=': STOP_AFTER=value)",
+        f"{conf}: line 4: also-no-such-command: command not found"]
+
+
+def test_a_file_with_windows_line_endings_runs_or_says_why_not(tmp_path):
+    # its values end in a carriage return, which is stripped, so plain settings work as they are
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\r\nTOPK=8\r\nSTOP_AFTER=2\r\n')
+    settings, _ = load_settings(conf)
+    assert settings.TOPK == 8 and settings.STOP_AFTER == 2 and settings.DATA_FILE == tmp_path / "records.jsonl"
+    # but not a file named on such a line, nor a value built from a helper variable set on one
+    conf.write_text(f'source "{tmp_path}/base.conf"\r\nname=exp1\r\nOUTPUT_DIR="{tmp_path}/$name/maps"\r\n')
+    (tmp_path / "base.conf").write_text(f'DATA_FILE="{tmp_path}/records.jsonl"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    assert caught.value.problems == [f"{conf}: line 1: {tmp_path}/base.conf\\r: No such file or directory (the file "
+                                     "has Windows line endings: convert it with dos2unix)"]
+    conf.write_text(f'DATA_FILE="{tmp_path}/records.jsonl"\r\nname=exp1\r\nOUTPUT_DIR="{tmp_path}/$name/maps"\r\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    assert caught.value.problems == [f"{conf}: OUTPUT_DIR='{tmp_path}/exp1\\r/maps' holds a carriage return (\\r): "
+                                     "the file has Windows line endings; convert it with dos2unix"]
 
 
 def test_run_config_round_trips(tmp_path):

@@ -75,3 +75,14 @@ def test_command_line_overrides_reach_the_container_wrapper(tmp_path):
     assert words[1:3] == ["-m", "attention_map"] and words[-1] == "CONTAINER=none"
     words = _command(tmp_path, "docker", None, f"OUTPUT_DIR={tmp_path}/elsewhere")
     assert f"{tmp_path}/elsewhere:{tmp_path}/elsewhere:rw" in words
+
+
+def test_bash_errors_in_the_experiment_file_reach_the_user_as_the_runs_own_lines(tmp_path):
+    """The wrapper sources the file too (for the container's keys): it goes on past bash's errors and leaves them to
+    the run, which names each on one line and exits 2."""
+    conf = tmp_path / "exp.conf"
+    conf.write_text(f'DATA_FILE="{tmp_path}/records.jsonl"\nSTOP_AFTER = 2\n')
+    result = subprocess.run(["bash", "submit_heatmap_gen.sh", str(conf)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"attention-map: {conf}: line 2: STOP_AFTER: command not found (bash takes "
+                                          "no spaces around '=': STOP_AFTER=value)"]
