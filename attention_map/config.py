@@ -381,7 +381,8 @@ def _is_environment_name(name: str) -> bool:
 
 
 def _unknown_key_message(name: str, where: str) -> str:
-    close = [RENAMED_KEYS[name]] if name in RENAMED_KEYS else difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
+    close = ([RENAMED_KEYS[name]] if name in RENAMED_KEYS else [name.upper()] if name.upper() in KEYS
+             else difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6))
     hint = (f"; did you mean {close[0]}?" if close else
             "; lower-case names are free for helper variables (environment such as HF_HOME or OMP_* is allowed too)")
     return f"{where}: unknown key {name}{hint}"
@@ -411,6 +412,9 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
         for name in sorted(set_by_file):
             if name[0].isupper() and name not in KEYS and not _is_environment_name(name):
                 problems.append(_unknown_key_message(name, str(conf)))
+            elif name.upper() in KEYS and name.upper() not in set_by_file:     # a helper, or a key in lower case?
+                notes.append(f"{conf}: {name} is lower case, so a helper variable of the file, not the key "
+                             f"{name.upper()}")
         for name in KEYS:
             if name in values:
                 raw[name] = (values[name], str(conf))

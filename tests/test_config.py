@@ -33,6 +33,18 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
     assert caught.value.problems == [f"{conf}: unknown key OUTPT_DIR; did you mean OUTPUT_DIR?"]
     with pytest.raises(ConfigError, match="command line: unknown key TOPKK; did you mean TOPK"):
         load_settings(None, {"DATA_FILE": str(tmp_path / "records.jsonl"), "TOPKK": "3"})
+    with pytest.raises(ConfigError, match="command line: unknown key output_dir; did you mean OUTPUT_DIR"):
+        load_settings(None, {"DATA_FILE": str(tmp_path / "records.jsonl"), "output_dir": "x"})
+
+
+def test_a_key_written_in_lower_case_in_a_file_is_a_helper_and_the_log_says_so(tmp_path):
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\ntopk=5\nresults_root=r\n'
+                           'output_dir=out\nOUTPUT_DIR="$output_dir/maps"\n')
+    settings, notes = load_settings(conf)
+    assert settings.TOPK == 300 and settings.OUTPUT_DIR == Path("out/maps")
+    # the file sets OUTPUT_DIR itself, so its output_dir is plainly a helper
+    assert notes == [f"{conf}: results_root is lower case, so a helper variable of the file, not the key RESULTS_ROOT",
+                     f"{conf}: topk is lower case, so a helper variable of the file, not the key TOPK"]
 
 
 
