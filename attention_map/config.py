@@ -258,18 +258,21 @@ def _format(value) -> str:
     return str(value)
 
 
-def source_conf(path: Path) -> tuple[dict[str, str], set[str]]:
-    """Source `path` with bash; return (every variable set afterwards, names the file itself set or changed)."""
+def source_conf(path: Path) -> tuple[dict[str, str], set[str], list[str]]:
+    """Source `path` with bash; return (every variable set afterwards, names the file itself set or changed, bash's
+    warnings)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
     proc = subprocess.run(["bash", "-c", _DUMP, "attention-map-conf", str(path)], capture_output=True)
     # bash goes on after a failed command, so a file that sources a missing file or writes `KEY = value` still
-    # exits 0, its settings silently unset: bash's own error lines (`FILE: line N: ...`) stop the run instead
+    # exits 0, its settings silently unset: bash's own error lines (`FILE: line N: ...`) stop the run instead. Its
+    # warnings (a locale the node lacks, say) are the log's.
     message = proc.stderr.decode(errors="replace").strip().split("\n")     # not at a \r, which bash may print
-    errors = [_bash_error(line, path) for line in message if _BASH_ERROR.match(line)]
-    if errors:
-        raise ConfigError(errors)
+    said = [_bash_error(line, path) for line in message if _BASH_ERROR.match(line)]
+    warnings = [line for line in said if re.search(r": line \d+: warning: ", line)]
+    if len(warnings) < len(said):
+        raise ConfigError([line for line in said if line not in warnings])
     if proc.returncode != 0:
         raise ConfigError([f"{path}: bash could not source it: its last command exited {proc.returncode}"])
     before_raw, after_raw = proc.stdout.split(b"__AM_SPLIT__\0\0", 1)
@@ -281,7 +284,7 @@ def source_conf(path: Path) -> tuple[dict[str, str], set[str]]:
     before, after = parse(before_raw), parse(after_raw)
     changed = {k for k, v in after.items() if before.get(k) != v and k not in _BASH_VARIABLES
                and not k.startswith("__am")}
-    return after, changed
+    return after, changed, warnings
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:
@@ -408,7 +411,7 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
     raw: dict[str, tuple[str, str]] = {}  # key -> (value, where it came from)
     problems, notes = [], []
     if conf is not None:
-        values, set_by_file = source_conf(conf)
+        values, set_by_file, notes = source_conf(conf)
         for name in sorted(set_by_file):
             if name[0].isupper() and name not in KEYS and not _is_environment_name(name):
                 problems.append(_unknown_key_message(name, str(conf)))

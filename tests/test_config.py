@@ -112,6 +112,12 @@ def test_what_bash_goes_on_after_stops_the_run_one_line_each(tmp_path):
         f"{conf}: {tmp_path}/base.conf: line 2: no-such-command: command not found",
         f"{conf}: line 3: STOP_AFTER: command not found (bash takes no spaces around '=': STOP_AFTER=value)",
         f"{conf}: line 4: also-no-such-command: command not found"]
+    # bash's warnings do not stop it: they are the log's (a locale the node lacks is common on clusters)
+    conf.write_text(f'DATA_FILE="{tmp_path}/records.jsonl"\nexport LC_ALL=xx_YY.UTF-8\nTOPK=8\n')
+    settings, notes = load_settings(conf)
+    assert settings.TOPK == 8
+    assert notes == [f"{conf}: line 2: warning: setlocale: LC_ALL: cannot change locale (xx_YY.UTF-8): No such file or "
+                     "directory"]
 
 
 def test_a_file_with_windows_line_endings_runs_or_says_why_not(tmp_path):
