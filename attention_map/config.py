@@ -233,17 +233,17 @@ __am_dump'''
 _BASH_ERROR = re.compile(r"^(.+?): line (\d+): (.+)$")
 
 
-def _bash_error(line: str, path: Path) -> str:
-    """One error line of bash, as a problem: named by the config file, a carriage return shown, a hint where the
-    mistake is a common one."""
-    file, number, message = _BASH_ERROR.match(line).groups()
+def _bash_error(said: re.Match, path: Path) -> str:
+    """One line of bash's (`_BASH_ERROR` matched), as a problem: named by the config file, a carriage return shown, a
+    hint where the mistake is a common one."""
+    file, number, message = said.groups()
     problem = f"{file}: line {number}: {message}".replace("\r", "\\r")
     if file != str(path):
         problem = f"{path}: {problem}"
     command = re.match(r"(.+): command not found$", message)
     if command and command.group(1) in KEYS:
         problem += f" (bash takes no spaces around '=': {command.group(1)}=value)"
-    if "\r" in line:
+    if "\r" in said.group(0):
         problem += " (the file has Windows line endings: convert it with dos2unix)"
     return problem
 
@@ -268,11 +268,12 @@ def source_conf(path: Path) -> tuple[dict[str, str], set[str], list[str]]:
     # bash goes on after a failed command, so a file that sources a missing file or writes `KEY = value` still
     # exits 0, its settings silently unset: bash's own error lines (`FILE: line N: ...`) stop the run instead. Its
     # warnings (a locale the node lacks, say) are the log's.
-    message = proc.stderr.decode(errors="replace").strip().split("\n")     # not at a \r, which bash may print
-    said = [_bash_error(line, path) for line in message if _BASH_ERROR.match(line)]
-    warnings = [line for line in said if re.search(r": line \d+: warning: ", line)]
-    if len(warnings) < len(said):
-        raise ConfigError([line for line in said if line not in warnings])
+    lines = proc.stderr.decode(errors="replace").strip().split("\n")     # not at a \r, which bash may print
+    said = [match for match in map(_BASH_ERROR.match, lines) if match]
+    errors = [_bash_error(match, path) for match in said if not match.group(3).startswith("warning: ")]
+    if errors:
+        raise ConfigError(errors)
+    warnings = [_bash_error(match, path) for match in said if match.group(3).startswith("warning: ")]
     if proc.returncode != 0:
         raise ConfigError([f"{path}: bash could not source it: its last command exited {proc.returncode}"])
     before_raw, after_raw = proc.stdout.split(b"__AM_SPLIT__\0\0", 1)
@@ -411,7 +412,8 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
     raw: dict[str, tuple[str, str]] = {}  # key -> (value, where it came from)
     problems, notes = [], []
     if conf is not None:
-        values, set_by_file, notes = source_conf(conf)
+        values, set_by_file, warnings = source_conf(conf)
+        notes += warnings
         for name in sorted(set_by_file):
             if name[0].isupper() and name not in KEYS and not _is_environment_name(name):
                 problems.append(_unknown_key_message(name, str(conf)))
