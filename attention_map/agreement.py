@@ -204,6 +204,8 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
         log.warning("%s", reason)
     baseline_map = None
     if baseline not in (None, "centre", "center"):
+        if not Path(baseline).is_file():
+            raise EvaluationError(f"{baseline}: no such file (--baseline takes 'centre' or a PNG map)")
         baseline_map = cv2.imread(str(baseline), cv2.IMREAD_GRAYSCALE)
         if baseline_map is None:
             raise EvaluationError(f"{baseline}: the baseline is neither 'centre' nor a readable PNG")
@@ -229,6 +231,8 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
         truth = dict(map=gaze.truth_map(*key, shape, film_sigma))
         if key not in readers:
             readers[key] = gaze.inter_reader_cc(*key, shape, film_sigma)
+        if truth["map"] is None:      # no clinician looked at this film: its heatmaps are not scored
+            return truth
         if gaze.folder is None:       # location metrics need the fixated pixels themselves
             elsewhere = places[places[:, 0] != number[key[0]]]
             truth |= dict(fixated=saliency.fixation_mask(gaze.points(*key), shape),

@@ -22,6 +22,31 @@ EXIT_SHARDS_MISSING = 5
 EXIT_INTERRUPTED = 130    # as a shell reports a command that Ctrl-C stopped (128 + SIGINT)
 
 
+def _number(text: str, kind, check, wanted: str):
+    """`text` as a number of `kind` that passes `check`, else argparse's one-line error saying what is `wanted`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not check(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+    return value
+
+
+def _whole(minimum: int):
+    """An argparse type: a whole number of at least `minimum` (a count of steps or films)."""
+    return lambda text: _number(text, int, lambda value: value >= minimum, f"a whole number of at least {minimum}")
+
+
+def _percent(text: str) -> float:
+    """An argparse type: a share of a map's pixels."""
+    return _number(text, float, lambda value: 0 < value <= 100, "a percentage above 0 and at most 100")
+
+
+def _pixels(text: str) -> float:
+    """An argparse type: a length in pixels."""
+    return _number(text, float, lambda value: 0 < value < float("inf"), "a length in pixels above 0")
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-map", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -42,10 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="a finished run (SAVE_RAW_CAM=true)")
     evaluate.add_argument("--truth", type=Path,
                           help="GEMeX records with visual_locations (JSONL/JSON), or a CSV image_path,x,y,w,h,label")
-    evaluate.add_argument("--top-percent", type=float, default=15.0, help="top-p%% threshold for IoU/Dice (15)")
+    evaluate.add_argument("--top-percent", type=_percent, default=15.0, help="top-p%% threshold for IoU/Dice (15)")
     evaluate.add_argument("--truth-maps", type=Path, help="clinicians' attention: a fixations CSV "
                           "image_path,x,y,duration[,frame][,reader], or a folder of PNG maps named like the films")
-    evaluate.add_argument("--gaze-sigma", type=float, help="pixels of the Gaussian per fixation (default: 3%% of "
+    evaluate.add_argument("--gaze-sigma", type=_pixels, help="pixels of the Gaussian per fixation (default: 3%% of "
                           "the film's larger side)")
     evaluate.add_argument("--baseline", help="for the information gain: centre (a centre-bias Gaussian) or a PNG map")
 
@@ -56,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                         "records with study_id,image_path,finding,variant_id,question,answer_gt")
     robust.add_argument("--compare", type=Path, metavar="OTHER_OUTPUT_DIR", help="another run (another model) on the "
                         "same records: paired differences by study")
-    robust.add_argument("--top-percent", type=float, default=15.0, help="top-p%% of a map for the IoU (15)")
+    robust.add_argument("--top-percent", type=_percent, default=15.0, help="top-p%% of a map for the IoU (15)")
     robust.add_argument("--records", type=Path, help="the runs' records (default: the run's DATA_FILE, from its "
                         "run_config.conf)")
 
@@ -79,33 +104,33 @@ def _parser() -> argparse.ArgumentParser:
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "
                                                       "then print what its maps show on held-out films")
     toy.add_argument("folder", type=Path)
-    toy.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/toy.py)")
+    toy.add_argument("--steps", type=_whole(1), help="training steps (default: the recipe's, see models/toy.py)")
     toy.add_argument("--seed", type=int, help="seed of the weights and the training films (default: the recipe's)")
-    toy.add_argument("--films", type=int, help="training films drawn (default: the recipe's)")
+    toy.add_argument("--films", type=_whole(1), help="training films drawn (default: the recipe's)")
     toy.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and check (the "
                      "figures depend on it, as on the number of CPU threads)")
-    toy.add_argument("--check-films", type=int, default=60, help="held-out films to check it on (0: none)")
+    toy.add_argument("--check-films", type=_whole(0), default=60, help="held-out films to check it on (0: none)")
     toy.add_argument("--force", action="store_true", help="train even if FOLDER holds a model of this recipe")
 
     zones = commands.add_parser("train-zone-model", help="train the six-zone classifier on synthetic films (CPU, "
                                 "minutes), then print its AUROC and where each method's maps point")
     zones.add_argument("folder", type=Path)
-    zones.add_argument("--steps", type=int, help="training steps (default: the recipe's, see models/zones.py)")
+    zones.add_argument("--steps", type=_whole(1), help="training steps (default: the recipe's, see models/zones.py)")
     zones.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
-    zones.add_argument("--check-films", type=int, default=200, help="held-out films to check it on (0: none)")
+    zones.add_argument("--check-films", type=_whole(0), default=200, help="held-out films to check it on (0: none)")
 
     lesions = commands.add_parser("train-lesion-detector", help="train the tiny lesion detector on synthetic films "
                                   "(CPU, minutes), then print its recall and where each method's maps put their energy")
     lesions.add_argument("folder", type=Path)
-    lesions.add_argument("--steps", type=int, help="training steps (default: the recipe's, see "
+    lesions.add_argument("--steps", type=_whole(1), help="training steps (default: the recipe's, see "
                          "models/lesion_detector.py)")
     lesions.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
-    lesions.add_argument("--check-films", type=int, default=200, help="held-out films to check it on (0: none)")
+    lesions.add_argument("--check-films", type=_whole(0), default=200, help="held-out films to check it on (0: none)")
 
     demo = commands.add_parser("make-demo-data", help="write synthetic chest films, records (GEMeX fields), "
                                                       "boxes.csv and gaze.csv (synthetic readers' fixations) for the demo")
     demo.add_argument("folder", type=Path)
-    demo.add_argument("--count", type=int, default=24)
+    demo.add_argument("--count", type=_whole(1), default=24)
     demo.add_argument("--clips", action="store_true", help="short synthetic clips (MP4, a breathing chest) with "
                       "records and per-frame gaze instead of films (count default 3)")
 

@@ -4,12 +4,15 @@ confidence intervals by a cluster bootstrap over films (a film's heatmaps are no
 
 Ground truth is GEMeX records (`visual_locations`: [x1, y1, x2, y2] corners on the 224 x 224 grid, one box per
 visual region, scaled to each film) or a CSV of pixel boxes `image_path,x,y,w,h,label`. A question's heatmap is
-scored against all boxes of its record, a region prompt's heatmap against its region's box.
+scored against all boxes of its record, a region prompt's heatmap against its region's box. A CSV row with x, y, w
+and h all empty is a film without a box (a "Normal" film); a row or record whose boxes cannot be read is left out,
+named (file, row, field) in a warning and in evaluation.json.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from skimage.filters import threshold_otsu
 from . import outputs
 from .boxes import box_scores
 from .records import DataFileError, q_id_of, read_items
+
+log = logging.getLogger(__name__)
 
 GEMEX_GRID = 224
 METRICS = ("hit", "energy", "energy_ratio", "iou_otsu", "dice_otsu", "iou_top", "dice_top", "auroc")
@@ -50,15 +55,17 @@ class Boxes:
         return mask
 
 
-def read_truth(path: Path) -> dict:
-    """{(image_path, q_id): [Boxes per visual region]} for GEMeX records, {image_path: [Boxes]} for a box CSV."""
+def read_truth(path: Path) -> tuple[dict, list[str]]:
+    """{(image_path, q_id): [Boxes per visual region]} for GEMeX records, {image_path: [Boxes]} for a box CSV; and a
+    one-line reason (file, row, field) for each row or record whose boxes cannot be read, which is left out."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'} (--truth "
                               f"takes GEMeX records with visual_locations, JSONL or JSON, or a box CSV "
                               f"image_path,x,y,w,h[,label])")
+    truth: dict = {}
+    skipped = []
     if path.suffix.lower() == ".csv":
-        truth: dict = {}
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = {"image_path", "x", "y", "w", "h"} - set(reader.fieldnames or [])
@@ -66,22 +73,51 @@ def read_truth(path: Path) -> dict:
                 raise EvaluationError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} "
                                       f"(a box CSV needs image_path,x,y,w,h[,label])")
             for line, row in enumerate(reader, start=2):
-                try:
-                    x, y, w, h = (float(row[k]) for k in "xywh")
-                except (TypeError, ValueError):
+                fields = {name: (row[name] or "").strip() for name in "xywh"}
+                if not any(fields.values()):
                     continue       # a film listed without a box (e.g. "Normal")
+                bad = next((name for name in "xywh" if not _is_number(fields[name], positive=name in "wh")), None)
+                if bad:
+                    skipped.append(f"{path}:{line}: {bad}={fields[bad]!r} is not "
+                                   f"{'a size above 0' if bad in 'wh' else 'a coordinate'} in pixels of the film")
+                    continue
+                x, y, w, h = (float(fields[name]) for name in "xywh")
                 truth.setdefault(row["image_path"], []).append(Boxes(((x, y, x + w, y + h),)))
-        return truth
+        return truth, skipped
     try:
         items = read_items(path)
     except DataFileError as error:
         raise EvaluationError(str(error)) from None
-    truth = {}
-    for index, (_, item) in enumerate(items):   # index: the q_id default, as for the run's records
-        if isinstance(item, dict) and item.get("visual_locations"):
-            key = (str(item.get("image_path", "")).strip(), q_id_of(item, index))
-            truth[key] = [Boxes((tuple(map(float, box)),), GEMEX_GRID) for box in item["visual_locations"]]
-    return truth
+    for index, (line, item) in enumerate(items):   # index: the q_id default, as for the run's records
+        if not (isinstance(item, dict) and item.get("visual_locations")):
+            continue
+        boxes = item["visual_locations"]
+        # a record's boxes go with its visual regions by position, so one bad box leaves out the record's boxes
+        bad = next((number for number, box in enumerate(boxes) if not _is_corners(box)), None) \
+            if isinstance(boxes, list) else 0
+        if bad is not None:
+            shown = boxes[bad] if isinstance(boxes, list) else boxes
+            skipped.append(f"{path}:{line}: visual_locations[{bad}]={shown!r} is not [x1, y1, x2, y2] with x1 < x2 "
+                           f"and y1 < y2 (the {GEMEX_GRID} x {GEMEX_GRID} grid); the record's boxes are left out")
+            continue
+        key = (str(item.get("image_path", "")).strip(), q_id_of(item, index))
+        truth[key] = [Boxes((tuple(map(float, box)),), GEMEX_GRID) for box in boxes]
+    return truth, skipped
+
+
+def _is_number(text, positive: bool = False) -> bool:
+    """Whether `text` (a CSV field or a JSON value) is a finite number, and above 0 where `positive`."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite(value)) and (value > 0 or not positive) and not isinstance(text, bool)
+
+
+def _is_corners(box) -> bool:
+    """Whether a GEMeX visual location is [x1, y1, x2, y2]: four numbers, the second corner below and right."""
+    return (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(value) for value in box)
+            and float(box[0]) < float(box[2]) and float(box[1]) < float(box[3]))
 
 
 def heatmap_scores(heat: np.ndarray, boxes: np.ndarray, top_percent: float) -> dict[str, float]:
@@ -135,11 +171,14 @@ class Evaluation:
     without_boxes: int
     top_percent: float
     aggregates: dict
+    skipped_rows: list     # the truth file's rows or records whose boxes could not be read, one line each
 
     def markdown(self) -> str:
         lines = [f"# Evaluation of {self.heatmaps} heatmaps on {self.films} films", "",
                  f"Means with 95% confidence intervals (cluster bootstrap over films). Top-p threshold: "
-                 f"{self.top_percent:g}% of pixels. {self.without_boxes} heatmaps had no box and are not counted.", ""]
+                 f"{self.top_percent:g}% of pixels. {self.without_boxes} heatmaps had no box and are not counted." +
+                 (f" {len(self.skipped_rows)} rows of the truth file could not be read (see evaluation.json)."
+                  if self.skipped_rows else ""), ""]
         return "\n".join(lines + metric_table(self.aggregates)) + "\n"
 
 
@@ -174,7 +213,9 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     if rows and not rows[0]["raw_map"] and not rows[0].get("boxes"):
         raise EvaluationError(f"{manifest}: the run kept neither raw maps nor boxes; run it again with "
                               f"SAVE_RAW_CAM=true or OUTPUT_KIND=both (RESUME makes only the missing files)")
-    truth = read_truth(truth_path)
+    truth, skipped = read_truth(truth_path)
+    for reason in skipped:
+        log.warning("%s", reason)
     scored, without = [], 0
     for row in rows:
         boxes = truth.get((row["source_image"], row["q_id"]), truth.get(row["source_image"]))
@@ -200,7 +241,7 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     films = np.array([s["source_image"] for s in scored])
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in scored]), films, resamples, seed)
                   for name in METRICS + BOX_METRICS if name in scored[0]}
-    result = Evaluation(len(scored), len(set(films)), without, top_percent, aggregates)
+    result = Evaluation(len(scored), len(set(films)), without, top_percent, aggregates, skipped)
     write_results(output_dir, "evaluation", scored, result, truth=str(truth_path), bootstrap_resamples=resamples,
                   seed=seed)
     return result

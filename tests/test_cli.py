@@ -126,6 +126,24 @@ def test_config_errors_stop_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (("make-demo-data", "{tmp}/demo", "--count", "0"), "argument --count: '0' is not a whole number of at least 1"),
+    (("train-toy-model", "{tmp}/toy", "--steps", "-1"), "argument --steps: '-1' is not a whole number of at least 1"),
+    (("train-lesion-detector", "{tmp}/det", "--check-films", "-3"),
+     "argument --check-films: '-3' is not a whole number of at least 0"),
+    (("evaluate", "{tmp}", "--truth", "b.csv", "--top-percent", "150"),
+     "argument --top-percent: '150' is not a percentage above 0 and at most 100"),
+    (("evaluate", "{tmp}", "--truth-maps", "g.csv", "--gaze-sigma", "-1"),
+     "argument --gaze-sigma: '-1' is not a length in pixels above 0"),
+    (("robustness", "{tmp}", "--top-percent", "nan"), "argument --top-percent: 'nan' is not a percentage above 0"),
+])
+def test_a_number_out_of_range_on_the_command_line_stops_before_any_work(tmp_path, args, message):
+    # before, these trained for -1 steps, divided by zero, or failed deep inside NumPy or OpenCV with a traceback
+    result = cli(*(arg.format(tmp=tmp_path) for arg in args))
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_default_hub_model_offline_fails_fast_with_advice(tmp_path):
     out = tmp_path / "out"
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # empty cache, nothing listening

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from attention_map.evaluate import Boxes, cluster_bootstrap, evaluate, heatmap_scores
+from attention_map.evaluate import Boxes, cluster_bootstrap, evaluate, heatmap_scores, read_truth
 
 from test_cli import REPO, cli
 
@@ -32,6 +32,34 @@ def test_gemex_grid_boxes_scale_to_the_film():
     mask = Boxes(((56, 112, 112, 224),), grid=224).mask(400, 800)   # quarter-width, lower half
     rows, cols = np.nonzero(mask)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (200, 399, 200, 399)
+
+
+def test_boxes_that_cannot_be_read_are_left_out_and_named_by_row_and_field(tmp_path):
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image_path,x,y,w,h,label\n"
+                     "a.png,10,20,30,40,nodule\n"
+                     "b.png,,,,,Normal\n"          # a film without a box: no complaint
+                     "c.png,10,20,abc,40,x\n"
+                     "d.png,10,20,30,0,x\n"
+                     "e.png,inf,20,30,40,x\n"
+                     "f.png,10,20\n")
+    truth, skipped = read_truth(boxes)
+    assert truth == {"a.png": [Boxes(((10.0, 20.0, 40.0, 60.0),))]}
+    assert skipped == [f"{boxes}:4: w='abc' is not a size above 0 in pixels of the film",
+                       f"{boxes}:5: h='0' is not a size above 0 in pixels of the film",
+                       f"{boxes}:6: x='inf' is not a coordinate in pixels of the film",
+                       f"{boxes}:7: w='' is not a size above 0 in pixels of the film"]
+    records = tmp_path / "records.jsonl"
+    located = [[[10, 20, 30, 40]], [[10, 20, 30, 40], ["a", 1, 2, 3]], "10,20,30,40", [[10, 20, 5, 40]],
+               [[True, 20, 30, 40]]]
+    records.write_text("".join(json.dumps(dict(image_path="a.png", question="q", answer="yes", q_id=i,
+                                               visual_locations=boxes)) + "\n" for i, boxes in enumerate(located)))
+    truth, skipped = read_truth(records)
+    assert list(truth) == [("a.png", "0")]     # one bad box leaves out its record's boxes (they go by position)
+    assert [reason.split(" is not")[0] for reason in skipped] == [
+        f"{records}:2: visual_locations[1]=['a', 1, 2, 3]", f"{records}:3: visual_locations[0]='10,20,30,40'",
+        f"{records}:4: visual_locations[0]=[10, 20, 5, 40]", f"{records}:5: visual_locations[0]=[True, 20, 30, 40]"]
+    assert skipped[0].endswith("(the 224 x 224 grid); the record's boxes are left out")
 
 
 def test_the_bootstrap_resamples_films_not_heatmaps():
@@ -77,8 +105,12 @@ def test_pixel_box_csv_truth_and_clear_errors(random_run, cxr, tmp_path):
         writer.writerow(["image_path", "x", "y", "w", "h", "label"])
         for row in csv.DictReader(source):
             writer.writerow([f"nih/{row['image']}", row["x"], row["y"], row["w"], row["h"], row["label"]])
+        writer.writerow(["nih/00000001_000.png", "10", "20", "thirty", "40", "typo"])
     result = evaluate(random_run, boxes)
     assert 0 < result.heatmaps < 47 and result.without_boxes == 47 - result.heatmaps
+    assert result.skipped_rows == [f"{boxes}:{sum(1 for _ in open(boxes))}: w='thirty' is not a size above 0 in "
+                                   f"pixels of the film"]
+    assert "1 rows of the truth file could not be read" in (random_run / "evaluation.md").read_text()
     bad = tmp_path / "bad.csv"
     bad.write_text("image,x,y\n")
     failed = cli("evaluate", random_run, "--truth", bad)

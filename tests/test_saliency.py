@@ -190,6 +190,21 @@ def test_evaluate_truth_maps_from_fixations_and_from_a_folder(tmp_path):
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
 
 
+def test_films_no_clinician_looked_at_are_counted_apart_from_the_scored(tmp_path):
+    # eye-gaze datasets cover some of a dataset's films; a run on all of them crashed on the first film without any
+    rng = np.random.default_rng(5)
+    fixations = {f"f{i}.png": np.c_[rng.uniform(10, 90, 6), rng.uniform(10, 70, 6), rng.uniform(0.2, 1, 6)]
+                 for i in range(4)}
+    maps = {name: saliency.fixation_map(points, (80, 100), 6) for name, points in fixations.items()}
+    _fabricated_run(tmp_path / "run", maps | {"unseen.png": maps["f0.png"]})
+    gaze = tmp_path / "gaze.csv"
+    gaze.write_text("image_path,x,y,duration\n" + "".join(f"{name},{x},{y},{d}\n" for name, points in
+                                                          fixations.items() for x, y, d in points))
+    result = agreement(tmp_path / "run", gaze, sigma=6, baseline="centre")
+    assert (result.heatmaps, result.films, result.without_truth) == (4, 4, 1)
+    assert result.aggregates["cc"][0] > 0.99 and result.retrieval["cases"] == 4
+
+
 def test_inter_reader_agreement_is_the_ceiling_of_two_or_more_readers(tmp_path):
     from attention_map.agreement import read_gaze
 
