@@ -73,8 +73,12 @@ class Gaze:
         if not path.is_file():
             return None
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise EvaluationError(f"{path}: not a readable PNG")
+        if image is None:            # one damaged map costs only its film's heatmaps
+            reason = f"{path}: not a readable PNG; its film's heatmaps are not scored"
+            if reason not in self.skipped:
+                log.warning("%s", reason)
+                self.skipped.append(reason)
+            return None
         return _resized(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image, shape)
 
 
@@ -155,7 +159,7 @@ class Agreement:
     heatmaps: int
     films: int
     without_truth: int
-    sigma: str
+    sigma: str             # of the fixations' Gaussian; empty for a folder of maps
     baseline: str
     aggregates: dict
     retrieval: dict
@@ -164,10 +168,11 @@ class Agreement:
 
     def markdown(self) -> str:
         lines = [f"# Agreement of {self.heatmaps} heatmaps on {self.films} films with the clinicians' maps", "",
-                 f"Means with 95% confidence intervals (cluster bootstrap over films). Fixation maps: Gaussian sigma "
-                 f"{self.sigma}. {self.without_truth} heatmaps had no clinician map and are not counted." +
-                 (f" {len(self.skipped_rows)} rows of the fixations file could not be read (see agreement.json)."
-                  if self.skipped_rows else ""), ""] + metric_table(self.aggregates)
+                 "Means with 95% confidence intervals (cluster bootstrap over films). " +
+                 (f"Fixation maps: Gaussian sigma {self.sigma}. " if self.sigma else
+                  "Clinicians' maps: PNGs as they are. ") + f"{self.without_truth} heatmaps had no clinician map and are not counted." +
+                 (f" {len(self.skipped_rows)} rows of the fixations file or maps of the folder could not be read (see "
+                  f"agreement.json)." if self.skipped_rows else ""), ""] + metric_table(self.aggregates)
         if self.retrieval.get("cases", 0) > 1:
             lines += ["", f"Retrieval over {self.retrieval['cases']} films or clips (a clip's frames together; CC on "
                       f"a {RETRIEVAL_GRID} x {RETRIEVAL_GRID} grid; p from {PERMUTATIONS} random pairings):", "",
@@ -290,7 +295,7 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
              {name: _mean_of_values([s[name] for s in members]) for name in names}
              for clip, members in by_clip.items()}
     result = Agreement(len(table), len(set(films)), without,
-                       f"{sigma:g} px" if sigma else "3% of each film's larger side",
+                       "" if gaze.folder is not None else f"{sigma:g} px" if sigma else "3% of each film's larger side",
                        "" if baseline is None else str(baseline), aggregates, found, clips, gaze.skipped)
     write_results(output_dir, "agreement", table, result, truth=str(truth_path), bootstrap_resamples=resamples,
                   seed=seed)

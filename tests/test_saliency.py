@@ -186,6 +186,11 @@ def test_evaluate_truth_maps_from_fixations_and_from_a_folder(tmp_path):
     from_folder = agreement(tmp_path / "run", folder)
     assert from_folder.aggregates["cc"][0] > 0.99 and "nss" not in from_folder.aggregates
     assert from_folder.retrieval["clinician_to_model_r@1"]["value"] == 1
+    assert "Clinicians' maps: PNGs as they are." in from_folder.markdown() and "sigma" not in from_folder.markdown()
+    (folder / "f3.png").write_bytes(b"not a png")              # one damaged map costs only its film's heatmaps
+    damaged = agreement(tmp_path / "run", folder)
+    assert (damaged.heatmaps, damaged.without_truth) == (5, 1)
+    assert damaged.skipped_rows == [f"{folder / 'f3.png'}: not a readable PNG; its film's heatmaps are not scored"]
     missing = cli("evaluate", tmp_path / "run", "--truth-maps", tmp_path / "nowhere")
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
 
@@ -203,6 +208,9 @@ def test_films_no_clinician_looked_at_are_counted_apart_from_the_scored(tmp_path
     result = agreement(tmp_path / "run", gaze, sigma=6, baseline="centre")
     assert (result.heatmaps, result.films, result.without_truth) == (4, 4, 1)
     assert result.aggregates["cc"][0] > 0.99 and result.retrieval["cases"] == 4
+    next((tmp_path / "run").glob("f2*")).unlink()           # a run's file gone: the message says how to remake it
+    with pytest.raises(EvaluationError, match=r"f2.*cannot read it .*RESUME=true\) remakes the run's missing"):
+        agreement(tmp_path / "run", gaze)
 
 
 def test_inter_reader_agreement_is_the_ceiling_of_two_or_more_readers(tmp_path):
