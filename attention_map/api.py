@@ -49,19 +49,37 @@ def as_adapter(model, image_size: tuple[int, int], channels: int = 3, mean=None,
         return model
     mean = mean or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels)
     std = std or (IMAGENET_STD if channels == 3 else (0.5,) * channels)
-    return Classifier(model, image_size, mean, std, output_names)
+    classifier = Classifier(model, image_size, mean, std, output_names)
+    if output_names:       # names that do not fit would label the maps of other outputs
+        count = classifier.output_count()
+        if len(output_names) != count:
+            raise ValueError(f"output_names names {len(output_names)} outputs but the model has {count} (give "
+                             f"output_names, every output's name in order, and the targets among them)")
+    return classifier
 
 
 def _as_tensor(images) -> torch.Tensor:
     """The images as one float tensor: model inputs (N, C, H, W), or grey films (N, H, W) (a list of (H, W) arrays
-    stacked)."""
+    stacked) in [0, 1] (8-bit films are divided by 255, as the Explainer does with video frames)."""
     if isinstance(images, (list, tuple)):
-        images = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    tensor = torch.as_tensor(images).float()
-    if tensor.dim() not in (3, 4):
+        images = np.stack([np.asarray(image) for image in images])
+    tensor = torch.as_tensor(images)
+    tensor = tensor.float() / 255 if tensor.dtype == torch.uint8 and tensor.dim() == 3 else tensor.float()
+    if tensor.dim() not in (3, 4) or len(tensor) == 0:
         raise ValueError(f"images of shape {list(tensor.shape)}: give model inputs (N, C, H, W) or grey films "
-                         f"(N, H, W) in [0, 1]")
+                         f"(N, H, W) in [0, 1], N at least 1")
+    bad = _outside_0_1(tensor) if tensor.dim() == 3 else None
+    if bad is not None:
+        raise ValueError(f"grey films (N, H, W) are read in [0, 1] but these hold {bad:g} (divide 16-bit values by "
+                         f"65535; or give model inputs (N, C, H, W), used as they are)")
     return tensor
+
+
+def _outside_0_1(values) -> float | None:
+    """A value of `values` outside [0, 1] (NaN is), or None where every value is inside."""
+    values = torch.as_tensor(values)
+    outside = ~((values >= 0) & (values <= 1))
+    return values[outside][0].item() if bool(outside.any()) else None
 
 
 def _inputs(adapter: ModelAdapter, images: torch.Tensor) -> torch.Tensor:
@@ -94,13 +112,15 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
         from `attention_map.models.load_model` (a CLIP-like model takes prompts as targets; a generative VLM,
         with method="attention", questions).
     images: model inputs (N, C, H, W), array or tensor, used as they are; or grey films (N, H, W) or a list of
-        (H, W) arrays in [0, 1], resized to the adapter's input size and normalised (a bare module: the films' size,
-        `channels` channels, `mean` and `std`).
+        (H, W) arrays in [0, 1] (uint8: divided by 255), resized to the adapter's input size and normalised (a bare
+        module: the films' size, `channels` channels, `mean` and `std`).
     targets: None (each image's predicted class), one output index or name, or a list of them (T maps per image);
-        names are those of `output_names` (a bare module) or of the adapter.
+        names are those of `output_names` (a bare module: every output's name, in order) or of the adapter.
     method: any CAM_VERSION name, any case. Gradient methods explain `batch_size` images per forward and backward.
     """
     method_class, names = _method(method), _names(targets)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: explain at least 1 image per pass")
     module = model.module if isinstance(model, ModelAdapter) else model
     images = _as_tensor(images)
     size = tuple(images.shape[-2:])                    # of the input, and of the maps
@@ -156,6 +176,9 @@ class Explainer:
         if film.ndim == 3:   # colour video: the grey the pipeline reads
             film = film.mean(axis=2)
         film = film.astype(np.float32) / (255.0 if np.asarray(frame).dtype == np.uint8 else 1.0)
+        bad = _outside_0_1(film)
+        if bad is not None:
+            raise ValueError(f"a frame is read in [0, 1] (uint8: 0..255) but this one holds {bad:g}")
         height, width = film.shape
         grid_maps = self.cam.explain(self.adapter.prepare(film), self.names)
         self.labels = [grid_map.target for grid_map in grid_maps]
@@ -187,13 +210,17 @@ class EpochHeatmaps:
         heatmaps.finish()                                      # heatmap_{target}.png, of the best epoch
 
     `images`: grey films (N, H, W) in [0, 1] (shown under the maps), or model inputs (N, C, H, W) (their first
-    channel, scaled to [0, 1], is shown). Each PNG holds the N images side by side for one target. Maps are made
-    when `epoch % every == 0` and whenever `metric` (higher is better) is the best so far, so `finish` can write
-    the best epoch's maps; `finish(model)` makes them from the model given instead (e.g. the best checkpoint).
+    channel, scaled to [0, 1], is shown). `target_names` are also the model's output names, every one in order,
+    unless `output_names` (in `explain_options`) names them. Each PNG holds the N images side by side for one
+    target. Maps are made when `epoch % every == 0` and whenever `metric` (higher is better) is the best so far, so
+    `finish` can write the best epoch's maps; `finish(model)` makes them from the model given instead (e.g. the best
+    checkpoint).
     """
 
     def __init__(self, out_dir, images, target_names, every: int = 1, colormap: str = "custom_purple_red",
                  method: str = "GradCAM", layer: str = "auto", alpha: float = 0.5, **explain_options):
+        if every < 1:
+            raise ValueError(f"every={every}: maps are made every `every` epochs, at least 1")
         self.out_dir, self.every, self.colormap, self.alpha = Path(out_dir), every, colormap, alpha
         self.images, self.target_names = images, [str(t) for t in target_names]
         self.options = dict(method=method, layer=layer, **explain_options)

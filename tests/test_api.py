@@ -102,11 +102,33 @@ def test_named_outputs_and_a_clip_adapter_with_prompts():
     assert maps.shape == (1, 1, 32, 32) and maps.max() == 1
 
 
+def test_films_outside_0_to_1_and_impossible_options_are_refused_naming_what_to_give(tmp_path):
+    # before, films of 0..255 floats and NaN films gave maps of a model fed wrong inputs, silently
+    net = _model_mid_training()
+    films = np.random.default_rng(4).random((2, 32, 32), dtype=np.float32)
+    eight_bit = np.round(films * 255)
+    assert np.array_equal(explain(net, eight_bit.astype(np.uint8), TARGETS), explain(net, eight_bit / 255, TARGETS))
+    for images, message in ((eight_bit, r"grey films \(N, H, W\) are read in \[0, 1\] but these hold \d+ "),
+                            (np.full((1, 32, 32), np.nan), "hold nan"),
+                            (np.zeros((0, 32, 32)), r"shape \[0, 32, 32\].*N at least 1")):
+        with pytest.raises(ValueError, match=message):
+            explain(net, images, TARGETS)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        explain(net, films, TARGETS, batch_size=0)
+    with pytest.raises(ValueError, match="output_names names 4 outputs but the model has 3"):
+        explain(net, films, ["b"], output_names=["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="every=0"):
+        EpochHeatmaps(tmp_path, films, TARGETS, every=0)
+
+
 def test_epoch_heatmaps_write_due_epochs_and_the_best_one(tmp_path):
     net = _model_mid_training()
     before = _state(net)
     films = np.random.default_rng(3).random((2, 36, 28), dtype=np.float32)
-    heatmaps = EpochHeatmaps(tmp_path, films, ["normal", "nodule"], every=2)
+    with pytest.raises(ValueError, match="output_names names 2 outputs but the model has 3"):
+        EpochHeatmaps(tmp_path, films, ["normal", "nodule"])(net, 0)   # the names alone would label 2 of 3 outputs
+    assert not any(tmp_path.iterdir())
+    heatmaps = EpochHeatmaps(tmp_path, films, ["normal", "nodule"], every=2, output_names=("normal", "nodule", "other"))
     written = {epoch: heatmaps(net, epoch, metric=metric) for epoch, metric in enumerate([0.5, 0.9, 0.7, 0.6])}
     assert [path.name for path in written[0]] == ["000_heatmap_normal.png", "000_heatmap_nodule.png"]
     assert written[1] == [] and written[3] == [] and len(written[2]) == 2

@@ -170,6 +170,8 @@ def test_explainer_keeps_one_hook_across_frames_and_leaves_the_model_as_it_was(l
             assert np.allclose(maps[0], reference, atol=1e-6)
         colour = cv2.cvtColor((films[0] * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
         assert explainer(colour)[0].shape[1:] == films[0].shape
+        with pytest.raises(ValueError, match=r"a frame is read in \[0, 1\] \(uint8: 0..255\) but this one holds"):
+            explainer(films[0] * 255)                             # float 0..255: refused, not read as bright
     assert len(layer._forward_hooks) == 0 and module.training
     module.eval()
 

@@ -87,15 +87,19 @@ class Classifier(ModelAdapter):
                 self._dry = self.forward(torch.zeros(1, len(self.mean), *self.image_size, device=self.device))
         return self._dry
 
+    def output_count(self) -> int:
+        """The model's outputs (classes, or zones), from one dry forward."""
+        return self._dry_outputs().shape[1]
+
     def check_names(self) -> None:
         """The output names fit the model's outputs (one dry forward)."""
         outputs = self._dry_outputs()
         if outputs.dim() not in (2, 3):
             raise ModelLoadError(f"MODEL={self.name}: the output has shape {list(outputs.shape)}; a classifier's "
                                  f"is [batch, classes] or [batch, zones, classes]")
-        if self.output_names and len(self.output_names) != outputs.shape[1]:
+        if self.output_names and len(self.output_names) != self.output_count():
             raise ModelLoadError(f"TARGET_NAMES names {len(self.output_names)} outputs but MODEL={self.name} has "
-                                 f"{outputs.shape[1]}")
+                                 f"{self.output_count()}")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
