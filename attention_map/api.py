@@ -19,7 +19,7 @@ import torch
 from . import outputs
 from .cams import CAM_METHODS
 from .maps import grid_to_image
-from .models import ModelAdapter
+from .models import ModelAdapter, TargetError
 from .models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from .render import overlay
 
@@ -97,6 +97,13 @@ def _method(method: str):
     return CAM_METHODS[_METHODS[method.lower()]]
 
 
+def _check_targets(adapter: ModelAdapter, names: list[str]) -> None:
+    """TargetError for the first target the model has no output for, before any work."""
+    for name in dict.fromkeys(names):
+        if reason := adapter.check_target(name):
+            raise TargetError(reason)
+
+
 def _names(targets) -> list[str]:
     """Targets as the methods take them: None (the predicted class), one, or a list."""
     if targets is None:
@@ -115,7 +122,8 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
         (H, W) arrays in [0, 1] (uint8: divided by 255), resized to the adapter's input size and normalised (a bare
         module: the films' size, `channels` channels, `mean` and `std`).
     targets: None (each image's predicted class), one output index or name, or a list of them (T maps per image);
-        names are those of `output_names` (a bare module: every output's name, in order) or of the adapter.
+        names are those of `output_names` (a bare module: every output's name, in order) or of the adapter (a
+        CLIP-like model's are prompts). A target the model has no output for raises TargetError before any work.
     method: any CAM_VERSION name, any case. Gradient methods explain `batch_size` images per forward and backward.
     """
     method_class, names = _method(method), _names(targets)
@@ -126,6 +134,7 @@ def explain(model, images, targets=None, method: str = "GradCAM", layer: str = "
     size = tuple(images.shape[-2:])                    # of the input, and of the maps
     with evaluating(module):
         adapter = as_adapter(model, size, channels, mean, std, output_names)
+        _check_targets(adapter, names)
         inputs = _inputs(adapter, images)
         cam = method_class(adapter, layer, batch_size)
         maps = []
@@ -162,6 +171,7 @@ class Explainer:
         self._evaluating.__enter__()
         try:
             self.adapter = as_adapter(model, image_size, channels, mean, std, output_names)
+            _check_targets(self.adapter, self.names)
             self.cam = on_layers(method_class, self.adapter, layer)
             self.cam.hold()
         except BaseException:

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     toy = commands.add_parser("train-toy-model", help="train the toy CLIP on synthetic films (CPU, minutes), "
                                                       "then print what its maps show on held-out films")
     toy.add_argument("folder", type=Path)
-    toy.add_argument("--steps", type=_whole(1), help="training steps (default: the recipe's, see models/toy.py)")
+    toy.add_argument("--steps", type=_whole(0), help="training steps (default: the recipe's, see models/toy.py)")
     toy.add_argument("--seed", type=int, help="seed of the weights and the training films (default: the recipe's)")
     toy.add_argument("--films", type=_whole(1), help="training films drawn (default: the recipe's)")
     toy.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and check (the "
@@ -115,14 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     zones = commands.add_parser("train-zone-model", help="train the six-zone classifier on synthetic films (CPU, "
                                 "minutes), then print its AUROC and where each method's maps point")
     zones.add_argument("folder", type=Path)
-    zones.add_argument("--steps", type=_whole(1), help="training steps (default: the recipe's, see models/zones.py)")
+    zones.add_argument("--steps", type=_whole(0), help="training steps (default: the recipe's, see models/zones.py)")
     zones.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
     zones.add_argument("--check-films", type=_whole(0), default=200, help="held-out films to check it on (0: none)")
 
     lesions = commands.add_parser("train-lesion-detector", help="train the tiny lesion detector on synthetic films "
                                   "(CPU, minutes), then print its recall and where each method's maps put their energy")
     lesions.add_argument("folder", type=Path)
-    lesions.add_argument("--steps", type=_whole(1), help="training steps (default: the recipe's, see "
+    lesions.add_argument("--steps", type=_whole(0), help="training steps (default: the recipe's, see "
                          "models/lesion_detector.py)")
     lesions.add_argument("--seed", type=int, default=0, help="seed of the weights and the training films")
     lesions.add_argument("--check-films", type=_whole(0), default=200, help="held-out films to check it on (0: none)")

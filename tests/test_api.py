@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attention_map import EpochHeatmaps, explain
-from attention_map.models import load_model
+from attention_map.models import ModelLoadError, TargetError, load_model
 
 TARGETS = ["0", "2"]
 
@@ -100,6 +100,11 @@ def test_named_outputs_and_a_clip_adapter_with_prompts():
     toy = load_model(str(Path(__file__).resolve().parents[1] / "examples/models/demo-toy"), torch.device("cpu"))
     maps = explain(toy, films, ["nodule in the left upper lung"], method="gScoreCAM")
     assert maps.shape == (1, 1, 32, 32) and maps.max() == 1
+    for nothing in (None, " "):      # a map of no text: refused, not made
+        with pytest.raises(TargetError, match="a CLIP-like model explains a prompt: give its text as the target"):
+            explain(toy, films, nothing, method="gScoreCAM")
+    with pytest.raises(ModelLoadError, match=r"MODEL=\S*demo-tox: no such folder"):
+        load_model(str(Path(__file__).resolve().parents[1] / "examples/models/demo-tox"), torch.device("cpu"))
 
 
 def test_films_outside_0_to_1_and_impossible_options_are_refused_naming_what_to_give(tmp_path):

@@ -128,7 +128,7 @@ def test_config_errors_stop_before_anything_is_written(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("make-demo-data", "{tmp}/demo", "--count", "0"), "argument --count: '0' is not a whole number of at least 1"),
-    (("train-toy-model", "{tmp}/toy", "--steps", "-1"), "argument --steps: '-1' is not a whole number of at least 1"),
+    (("train-toy-model", "{tmp}/toy", "--steps", "-1"), "argument --steps: '-1' is not a whole number of at least 0"),
     (("train-lesion-detector", "{tmp}/det", "--check-films", "-3"),
      "argument --check-films: '-3' is not a whole number of at least 0"),
     (("evaluate", "{tmp}", "--truth", "b.csv", "--top-percent", "150"),

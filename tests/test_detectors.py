@@ -13,7 +13,7 @@ from attention_map import Explainer, explain
 from attention_map.boxes import renormalize_in_boxes
 from attention_map.cams import CAM_METHODS
 from attention_map.maps import grid_to_image
-from attention_map.models import load_model
+from attention_map.models import TargetError, load_model
 from attention_map.models import detector
 from attention_map.models.lesion_detector import HELD_OUT, SHIPPED, check_lesion_detector, films_and_boxes
 from attention_map.models.random_models import make_test_model
@@ -174,6 +174,9 @@ def test_explainer_keeps_one_hook_across_frames_and_leaves_the_model_as_it_was(l
             explainer(films[0] * 255)                             # float 0..255: refused, not read as bright
     assert len(layer._forward_hooks) == 0 and module.training
     module.eval()
+    with pytest.raises(TargetError, match="DETECTION_TARGET='boxes': a detector's maps explain"):
+        Explainer(lesion_detector, "HiResCAM", ["boxes"])         # refused when made, leaving no hook behind
+    assert len(layer._forward_hooks) == 0
 
 
 def test_yolo_models_of_the_optional_package_are_read_the_same_way(tmp_path):

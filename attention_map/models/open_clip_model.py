@@ -166,6 +166,9 @@ class OpenCLIPModel(ModelAdapter):
             return len(inner(self.tokenizer.clean_fn(prompt))["input_ids"])
         return len(self.tokenizer.encode(prompt)) + 2        # open_clip BPE: start and end tokens around the text
 
+    def check_target(self, name):
+        return "" if name.strip() else "a CLIP-like model explains a prompt: give its text as the target"
+
     def note(self, name):
         tokens = self.count_tokens(name)
         if tokens <= self.context_length:
@@ -185,6 +188,9 @@ def load(spec: str, device: torch.device) -> OpenCLIPModel:
         model, tokenizer, preprocess_cfg, model_cfg = _create_from_hub(spec, device)
     else:
         folder = Path(spec.removeprefix("local-dir:")).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"MODEL={spec}: no such folder (MODEL is a model folder, or an id such as hf-hub:<id> "
+                                 f"or timm:<name>)")
         if not (folder / "open_clip_config.json").is_file():
             raise ModelLoadError(f"MODEL={spec}: no open_clip_config.json in that folder")
         model, tokenizer, preprocess_cfg, model_cfg = _create_from_folder(folder, device)
