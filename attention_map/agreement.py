@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from . import outputs, saliency
-from .evaluate import (EvaluationError, cluster_bootstrap, metric_table, png_size, read_raw_map,
+from .evaluate import (EvaluationError, cluster_bootstrap, metric_table, png_size, progress, read_raw_map,
                        write_results)
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
     table, without = [], 0
     grids: dict = {}      # film or clip -> [sum of its model maps, their count, {frame: clinician map}], retrieval grid
     current = (None, {})  # the last film's key and what it is scored against (a film's rows are usually together)
-    for row in rows:
+    for row in progress(rows, "agreement"):
         key = (row["source_image"], row.get("frame", ""))
         if current[0] != key:
             current = (key, film_truth(key))

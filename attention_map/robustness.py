@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from . import outputs
-from .evaluate import EvaluationError, cluster_bootstrap, read_raw_map
+from .evaluate import EvaluationError, cluster_bootstrap, progress, read_raw_map
 from .records import DataFileError, q_id_of, read_items
 from .saliency import spearman
 from .shards import read_run_config
@@ -86,7 +86,7 @@ def study_scores(output_dir: Path, top_percent: float = 15.0, records: Path | No
             raise EvaluationError(f"{output_dir}: the run has no raw maps; run it with SAVE_RAW_CAM=true")
         studies.setdefault(str(record["study_id"]).strip(), []).append((row, record))
     scored = []
-    for study, members in studies.items():
+    for study, members in progress(studies.items(), f"robustness of {output_dir.name}", unit="study"):
         truths = [normalise_answer(str(record.get("answer_gt", record.get("answer", "")))) for _, record in members]
         answers = [normalise_answer(row["model_answer"]) for row, _ in members]
         maps = [_map(output_dir, row["raw_map"]) for row, _ in members]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from attention_map.evaluate import Boxes, cluster_bootstrap, evaluate, heatmap_scores, read_truth
+from attention_map.evaluate import Boxes, auroc, cluster_bootstrap, evaluate, heatmap_scores, read_truth
 
 from test_cli import REPO, cli
 
@@ -26,6 +26,24 @@ def test_a_map_peaked_in_the_box_scores_high_and_one_outside_scores_low():
     assert outside["iou_top"] == 0 and outside["iou_otsu"] == 0
     empty = heatmap_scores(np.zeros((100, 100)), box, top_percent=4)
     assert empty["hit"] == 0 and empty["energy"] == 0 and empty["auroc"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("levels", [40, 65536, None])    # heavy ties, a raw map's 16-bit levels, floats off them
+def test_pixel_auroc_is_sklearns_on_raw_maps_and_on_any_map(levels, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    from attention_map import evaluate as module
+
+    rng = np.random.default_rng(levels or 1)
+    heat = rng.random((120, 90)) if levels is None else rng.integers(0, levels, (120, 90)) / 65535
+    inside = np.zeros(heat.shape, bool)
+    inside[30:70, 20:60] = True
+    heat[inside] = np.minimum(heat[inside] * 1.2, heat.max())       # hotter in the box
+    if levels:
+        heat = np.rint(heat * 65535) / 65535                          # as read from a raw map: counted, not ranked
+        monkeypatch.setattr(module, "rankdata", None)
+    assert auroc(heat, inside) == pytest.approx(roc_auc_score(inside.ravel(), heat.ravel()), abs=1e-12)
+    assert np.isnan(auroc(heat, np.zeros(heat.shape, bool)))
 
 
 def test_gemex_grid_boxes_scale_to_the_film():
