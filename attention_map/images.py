@@ -292,24 +292,35 @@ def _grey(pixels: np.ndarray, dataset) -> np.ndarray:
     return 1.0 - film if photometric == "MONOCHROME1" else film   # MONOCHROME1: low values are bright
 
 
-def _load_raster(path: Path, max_pixels: int | None) -> np.ndarray:
+TWELVE_BITS = 4095
+
+
+def _sixteen_bit(values: np.ndarray) -> Film:
+    """A 16-bit (or 32-bit integer) raster: 0..65535 is 0..1. A film converted from DICOM often keeps its 12-bit
+    stored values (at most 4095), which read so would be a film near black that the model cannot read: such a film
+    is read as 0..4095, and its heatmaps' warning says so."""
+    high = float(values.max())
+    if 0 < high <= TWELVE_BITS:
+        return Film((values / TWELVE_BITS).clip(0, 1).astype(np.float32),
+                    warning=f"a 16-bit image whose values stay within 12 bits (up to {high:.0f}): read as 0..4095")
+    return Film((values / max(65535.0, high)).clip(0, 1).astype(np.float32))
+
+
+def _load_raster(path: Path, max_pixels: int | None) -> Film:
     try:
         with Image.open(path) as image:
             _check_size(*image.size, max_pixels)   # from the header, before any pixel is decoded
             image = ImageOps.exif_transpose(image)
             mode = image.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                return (np.asarray(image, dtype=np.float64) / 65535.0).astype(np.float32)
-            if mode == "I":
-                values = np.asarray(image, dtype=np.float64)
-                return (values / (65535.0 if values.max() <= 65535 else values.max())).clip(0, 1).astype(np.float32)
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                return _sixteen_bit(np.asarray(image, dtype=np.float64))
             if mode == "F":
-                return _scale_to_unit(np.asarray(image, dtype=np.float64))
+                return Film(_scale_to_unit(np.asarray(image, dtype=np.float64)))
             if mode in ("1", "L", "LA"):
-                return (np.asarray(image.convert("L"), dtype=np.float32) / 255.0)
+                return Film(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)
             # RGB, RGBA, P (palette), CMYK, YCbCr...: the colour channels, alpha ignored
             rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-            return _luminance(rgb).astype(np.float32)
+            return Film(_luminance(rgb).astype(np.float32))
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -336,7 +347,7 @@ def read_film(path: Path, max_pixels: int | None = None, frame: int | str = "fir
     if is_video(path):
         film = _load_video(path, max_pixels, frame)
     else:
-        film = _load_dicom(path, max_pixels, frame) if _is_dicom(path) else Film(_load_raster(path, max_pixels))
+        film = _load_dicom(path, max_pixels, frame) if _is_dicom(path) else _load_raster(path, max_pixels)
     if film.pixels.ndim != 2 or min(film.pixels.shape) < 2:
         raise ImageError(f"image of shape {film.pixels.shape} is too small or not 2-D")
     return Film(np.ascontiguousarray(film.pixels, dtype=np.float32), film.frame, film.warning)

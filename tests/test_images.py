@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attention_map.images import ImageError, load_film
+from attention_map.images import ImageError, load_film, read_film
 
 
 def _corr(a, b):
@@ -54,6 +54,17 @@ def test_modes_and_formats(tmp_path, mode, suffix):
     film = load_film(path)
     assert film.shape == (48, 64)
     assert np.abs(film - ramp / 255.0).max() < 0.03
+
+
+def test_a_16_bit_png_of_12_bit_values_reads_as_0_to_4095_with_a_warning(tmp_path):
+    # PNGs converted from DICOM often keep the stored 12-bit values; read as 0..65535 they were a film near black
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
+    Image.fromarray((ramp.astype(np.int64) * 4095 // 255).astype(np.uint16)).save(tmp_path / "twelve.png")
+    film = read_film(tmp_path / "twelve.png")
+    assert np.abs(film.pixels - ramp / 255.0).max() < 1 / 4095 + 1e-6
+    assert film.warning == "a 16-bit image whose values stay within 12 bits (up to 4095): read as 0..4095"
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")   # the full range: as it is
+    assert read_film(tmp_path / "sixteen.png").warning == ""
 
 
 def test_unreadable_files_raise_one_line_errors(tmp_path):
