@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 
 from . import outputs, saliency
-from .evaluate import (EvaluationError, cluster_bootstrap, metric_table, png_size, progress, read_raw_map,
+from .evaluate import (EvaluationError, cluster_bootstrap, metric_table, png_size, read_raw_map,
                        write_results)
+from .timing import progress
 
 log = logging.getLogger(__name__)
 

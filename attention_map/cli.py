@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write OUTPUT_DIR/index.html, a gallery of the run's heatmaps")
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    report.add_argument("--per-page", type=_whole(1), help="heatmaps per page: index.html, then index-2.html, ... "
+                        "(default 500)")
 
     fetch = commands.add_parser("fetch-model", help="download a hub model into a self-contained folder")
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hf-hub:<id> of a CLIP-like model (default "
@@ -250,10 +252,12 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
         return 0
 
     if args.command == "report":
-        from .report import write_report
+        from .report import PER_PAGE, write_report
 
         try:
-            log.info("wrote %s", write_report(args.output_dir))
+            pages = write_report(args.output_dir, args.per_page or PER_PAGE)
+            more = ", " + pages[1].name if len(pages) == 2 else f", index-2.html to {pages[-1].name}"
+            log.info("wrote %s%s", pages[0], more if len(pages) > 1 else "")
         except FileNotFoundError as error:
             print(f"attention-map: {error}", file=sys.stderr)
             return EXIT_CONFIG

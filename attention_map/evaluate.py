@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 from scipy.stats import rankdata
 from skimage.filters import threshold_otsu
-from tqdm import tqdm
 
 from . import outputs
 from .boxes import box_scores
 from .records import DataFileError, q_id_of, read_items
+from .timing import progress
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,6 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
 
 # a run's file gone or damaged after the run: the run's own command remakes it
 REMAKE = "the same `attention-map run` again (RESUME=true) remakes the run's missing or damaged files"
-
-
-def progress(items, what: str, unit: str = "map"):
-    """`items` with a progress bar on stderr, gone when done: scoring a large run's maps takes minutes."""
-    return tqdm(items, desc=what, unit=unit, dynamic_ncols=True, leave=False)
 
 
 def read_raw_map(output_dir: Path, name: str) -> np.ndarray:

@@ -16,8 +16,10 @@ import numpy as np
 from . import outputs
 from .images import ImageError, read_film
 from .shards import read_run_config
+from .timing import progress
 
 THUMBNAIL = 256   # longest side, pixels
+PER_PAGE = 500    # heatmaps per page: some 15 MB of thumbnails, which a browser opens at once
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em; background: #f6f6f6; }
@@ -46,7 +48,8 @@ function sortBy(key) {
 
 
 def _data_uri(image: np.ndarray | None) -> str:
-    """A PNG data URI of an RGB or grey uint8/uint16 image, shrunk to THUMBNAIL on its longest side."""
+    """A JPEG data URI of an RGB or grey uint8/uint16 image, shrunk to THUMBNAIL on its longest side (a sixth of
+    the bytes of a PNG)."""
     if image is None:
         return ""
     scale = THUMBNAIL / max(image.shape[:2])
@@ -56,8 +59,8 @@ def _data_uri(image: np.ndarray | None) -> str:
         image = (image // 257).astype(np.uint8)
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image)
-    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode() if ok else ""
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode() if ok else ""
 
 
 def _read(path: Path) -> np.ndarray | None:
@@ -84,8 +87,61 @@ def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{escape(alt)}">'
 
 
-def write_report(output_dir: Path) -> Path:
-    """Write OUTPUT_DIR/index.html for a finished run; returns its path."""
+def _card(output_dir: Path, image_root: Path | None, order: int, row: dict, score: dict | None,
+          clinicians: dict | None, films: dict) -> str:
+    """The HTML of one heatmap: its images (the film's from `films`, made once per film) and texts."""
+    film = (row["source_image"], row.get("frame", ""))
+    if film not in films:
+        films[film] = _data_uri(_film(image_root, *film))
+    mapped = score is not None and score.get("hit", "") != ""      # map metrics need the raw map
+    kind = "" if not mapped else ("hit" if float(score["hit"]) else "miss")
+    data = f' data-order="{order}"' + ("" if not mapped else f' data-energy="{escape(score["energy"])}" '
+                                                             f'data-auroc="{escape(score["auroc"])}"')
+    metrics = "" if not mapped else (
+        f'pointing game: {kind}; energy in boxes {float(score["energy"]):.3f} '
+        f'({float(score["energy_ratio"]):.2f}x uniform); IoU (Otsu) {float(score["iou_otsu"]):.3f}; '
+        f'AUROC {float(score["auroc"]):.3f}')
+    if score is not None and score.get("box_recall", "") != "":
+        metrics += (f'{"; " if metrics else ""}boxes: {float(score["boxes_predicted"]):.0f}, recall at IoU 0.5 '
+                    f'{float(score["box_recall"]):.2f}, best IoU {float(score["box_best_iou"]):.2f}')
+    if clinicians is not None:
+        metrics += (f'{"; " if metrics else ""}clinicians: CC {float(clinicians["cc"]):.2f}'
+                    + "".join(f', {label} {float(clinicians[name]):.2f}' for name, label in
+                              (("nss", "NSS"), ("auc_judd", "AUC-Judd")) if clinicians.get(name, "") != ""))
+    metrics = f'<div class="metrics">{metrics}</div>' if metrics else ""
+    boxes_image = outputs.boxes_image_name(row["image_path"])
+    boxes = (_img(_data_uri(_read(output_dir / boxes_image)), "boxes")
+             if row.get("boxes") and (output_dir / boxes_image).is_file() else "")
+    warning = f'<div class="text"><span class="label">warning:</span> {escape(row["warning"])}</div>' \
+        if row.get("warning") else ""
+    raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
+    explained = ([f'{row["target"]} (score {row["score"]})'] if row.get("target", row["prompt"]) != row["prompt"]
+                 else [])
+    if row.get("detections"):   # a detector's, on the film
+        explained.append("detections: " + (", ".join(f"{d[4]} {d[5]:.2f}" for d in json.loads(row["detections"]))
+                                           or "none"))
+    explained = (f'<div class="text"><span class="label">explains:</span> {escape("; ".join(explained))}</div>'
+                 if explained else "")
+    if row.get("model_answer") or row.get("p_yes"):    # a generative VLM's
+        said = row.get("model_answer") or "(none)"
+        said += f" (P(yes) {float(row['p_yes']):.2f})" if row.get("p_yes") else ""
+        said += (f"; map's Spearman with the film's other questions {float(row['prompt_similarity']):.2f}"
+                 if row.get("prompt_similarity") else "")
+        explained += f'<div class="text"><span class="label">model answer:</span> {escape(said)}</div>'
+
+    return (
+        f'<div class="card {kind}"{data}>'
+        f'<div class="images">{_img(films[film], "film")}'
+        f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{boxes}{_img(raw, "raw map")}</div>'
+        f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
+        f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'
+        f'<div class="text"><span class="label">prompt:</span> {escape(row["prompt"])} '
+        f'<span class="label">({escape(row["image_path"])})</span></div>{explained}{warning}{metrics}</div>')
+
+
+def write_report(output_dir: Path, per_page: int = PER_PAGE) -> list[Path]:
+    """Write OUTPUT_DIR/index.html for a finished run, and index-2.html, index-3.html, ... where it has more than
+    `per_page` heatmaps (each page on its own, linked to the others); returns the pages' paths."""
     output_dir = Path(output_dir)
     rows = outputs.read_manifest(output_dir, "report on")
     scores = {}
@@ -96,58 +152,6 @@ def write_report(output_dir: Path) -> Path:
         agreed = {row["image_path"]: row for row in outputs.read_csv(output_dir / "agreement.csv")}
     root = read_run_config(output_dir).get("IMAGE_ROOT")
     image_root = Path(root) if root else None
-
-    cards, films = [], {}
-    for order, row in enumerate(rows):
-        film = (row["source_image"], row.get("frame", ""))
-        if film not in films:
-            films[film] = _data_uri(_film(image_root, *film))
-        score = scores.get(row["image_path"])
-        mapped = score is not None and score.get("hit", "") != ""      # map metrics need the raw map
-        kind = "" if not mapped else ("hit" if float(score["hit"]) else "miss")
-        data = f' data-order="{order}"' + ("" if not mapped else
-                                            f' data-energy="{escape(score["energy"])}" data-auroc="{escape(score["auroc"])}"')
-        metrics = "" if not mapped else (
-            f'pointing game: {kind}; energy in boxes {float(score["energy"]):.3f} '
-            f'({float(score["energy_ratio"]):.2f}x uniform); IoU (Otsu) {float(score["iou_otsu"]):.3f}; '
-            f'AUROC {float(score["auroc"]):.3f}')
-        if score is not None and score.get("box_recall", "") != "":
-            metrics += (f'{"; " if metrics else ""}boxes: {float(score["boxes_predicted"]):.0f}, recall at IoU 0.5 '
-                        f'{float(score["box_recall"]):.2f}, best IoU {float(score["box_best_iou"]):.2f}')
-        if row["image_path"] in agreed:
-            clinicians = agreed[row["image_path"]]
-            metrics += (f'{"; " if metrics else ""}clinicians: CC {float(clinicians["cc"]):.2f}'
-                        + "".join(f', {label} {float(clinicians[name]):.2f}' for name, label in
-                                  (("nss", "NSS"), ("auc_judd", "AUC-Judd")) if clinicians.get(name, "") != ""))
-        metrics = f'<div class="metrics">{metrics}</div>' if metrics else ""
-        boxes_image = outputs.boxes_image_name(row["image_path"])
-        boxes = (_img(_data_uri(_read(output_dir / boxes_image)), "boxes")
-                 if row.get("boxes") and (output_dir / boxes_image).is_file() else "")
-        warning = f'<div class="text"><span class="label">warning:</span> {escape(row["warning"])}</div>' \
-            if row.get("warning") else ""
-        raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
-        explained = ([f'{row["target"]} (score {row["score"]})'] if row.get("target", row["prompt"]) != row["prompt"]
-                     else [])
-        if row.get("detections"):   # a detector's, on the film
-            explained.append("detections: " + (", ".join(f"{d[4]} {d[5]:.2f}" for d in json.loads(row["detections"]))
-                                               or "none"))
-        explained = (f'<div class="text"><span class="label">explains:</span> {escape("; ".join(explained))}</div>'
-                     if explained else "")
-        if row.get("model_answer") or row.get("p_yes"):    # a generative VLM's
-            said = row.get("model_answer") or "(none)"
-            said += f" (P(yes) {float(row['p_yes']):.2f})" if row.get("p_yes") else ""
-            said += (f"; map's Spearman with the film's other questions {float(row['prompt_similarity']):.2f}"
-                     if row.get("prompt_similarity") else "")
-            explained += f'<div class="text"><span class="label">model answer:</span> {escape(said)}</div>'
-
-        cards.append(
-            f'<div class="card {kind}"{data}>'
-            f'<div class="images">{_img(films[film], "film")}'
-            f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{boxes}{_img(raw, "raw map")}</div>'
-            f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
-            f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'
-            f'<div class="text"><span class="label">prompt:</span> {escape(row["prompt"])} '
-            f'<span class="label">({escape(row["image_path"])})</span></div>{explained}{warning}{metrics}</div>')
 
     summary = ""
     if (output_dir / "evaluation.md").is_file() and any(s.get("hit") for s in scores.values()):
@@ -164,10 +168,34 @@ def write_report(output_dir: Path) -> Path:
                '<button onclick="sortBy(\'order\')">input order</button>'
                '<button onclick="sortBy(\'energy\')">energy</button>'
                '<button onclick="sortBy(\'auroc\')">AUROC</button>') if scores else ""
-    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>attention-map: {escape(output_dir.name)}</title>'
-            f'<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>'
-            f'<h1>{len(rows)} heatmaps on {len(films)} films</h1>{summary}<div class="bar">{buttons}</div>'
-            f'<div id="cards">{"".join(cards)}</div></body></html>\n')
-    path = output_dir / "index.html"
-    outputs.write_atomic(path, page.encode("utf-8"))
-    return path
+    pages = max(1, -(-len(rows) // per_page))
+    for stale in output_dir.glob("index-*.html"):      # of an earlier report with more pages
+        if stale.stem[6:].isdigit() and int(stale.stem[6:]) > pages:
+            stale.unlink()
+    top = (f'<h1>{len(rows)} heatmaps on {len({(r["source_image"], r.get("frame", "")) for r in rows})} films</h1>'
+           f'{summary}<div class="bar">{buttons}</div>')
+    films, cards = {}, []       # films: the thumbnails of this page's films, each made once
+    for order in progress(range(len(rows)), "report"):
+        row = rows[order]
+        cards.append(_card(output_dir, image_root, order, row, scores.get(row["image_path"]),
+                           agreed.get(row["image_path"]), films))
+        if len(cards) == per_page or order == len(rows) - 1:
+            _write_page(output_dir, order // per_page + 1, pages, per_page, top, cards)
+            films, cards = {}, []
+    if not rows:
+        _write_page(output_dir, 1, 1, per_page, top, [])
+    return [output_dir / _page_name(number) for number in range(1, pages + 1)]
+
+
+def _page_name(number: int) -> str:
+    return "index.html" if number == 1 else f"index-{number}.html"
+
+
+def _write_page(output_dir: Path, number: int, pages: int, per_page: int, top: str, cards: list[str]) -> None:
+    links = "" if pages == 1 else '<p class="pages">page ' + " ".join(
+        f"<b>{n}</b>" if n == number else f'<a href="{_page_name(n)}">{n}</a>' for n in range(1, pages + 1)) + \
+        f" of {pages} ({per_page} heatmaps each; the buttons act on this page)</p>"
+    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>attention-map: {escape(output_dir.name)}'
+            f'{"" if pages == 1 else f" ({number} of {pages})"}</title><style>{_STYLE}</style><script>{_SCRIPT}'
+            f'</script></head><body>{top}{links}<div id="cards">{"".join(cards)}</div>{links}</body></html>\n')
+    outputs.write_atomic(output_dir / _page_name(number), page.encode("utf-8"))

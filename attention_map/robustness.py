@@ -22,10 +22,11 @@ import cv2
 import numpy as np
 
 from . import outputs
-from .evaluate import EvaluationError, cluster_bootstrap, progress, read_raw_map
+from .evaluate import EvaluationError, cluster_bootstrap, read_raw_map
 from .records import DataFileError, q_id_of, read_items
 from .saliency import spearman
 from .shards import read_run_config
+from .timing import progress
 
 METRICS = ("accuracy", "accuracy_p_yes", "consistency", "map_spearman", "map_iou_top")
 MAP_SIDE = 64   # maps are compared on a 64 x 64 grid: films differ in size, and the maps are smooth

@@ -1,5 +1,5 @@
 """Seconds spent per stage of a run (decode, gradient pass, compile, masked forwards, body mask, CRF, render, PNG
-write).
+write), and the progress bar of the commands that score or show a finished run.
 
 Stages that run in worker processes add up their own time, so the sum can exceed the wall-clock time: that overlap
 is the point of the workers.
@@ -10,6 +10,8 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
+
+from tqdm import tqdm
 
 STAGES = ("decode", "gradient pass", "compile", "masked forwards", "body mask", "crf", "render", "png write")
 
@@ -38,3 +40,8 @@ class StageTimes:
         """Seconds per stage, in the order of the data flow."""
         names = [s for s in STAGES if s in self.seconds] + [s for s in self.seconds if s not in STAGES]
         return {name: self.seconds[name] for name in names}
+
+
+def progress(items, what: str, unit: str = "map"):
+    """`items` with a progress bar on stderr, gone when done: scoring or showing a large run's maps takes minutes."""
+    return tqdm(items, desc=what, unit=unit, dynamic_ncols=True, leave=False)

@@ -227,7 +227,7 @@ def test_dicom_frame_all_gives_one_map_per_frame_and_the_manifest_says_which(tmp
     # the gallery shows each map beside the frame it explains
     assert cli("report", str(tmp_path / "all")).returncode == 0
     html = (tmp_path / "all" / "index.html").read_text()
-    films = re.findall(r'<img src="(data:image/png;base64,[^"]+)" alt="film">', html)
+    films = re.findall(r'<img src="(data:image/jpeg;base64,[^"]+)" alt="film">', html)
     assert len(films) == 4 and len(set(films[:3])) == 3
 
     # a rerun makes nothing and keeps each row's frame; another DICOM_FRAME redoes the film

@@ -49,7 +49,7 @@ def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny
     page = out / "index.html"
     html = page.read_text()
     assert "&lt;script&gt;" in html and "<script>document.body" not in html and "&lt;/div&gt;&lt;b&gt;" in html
-    assert html.count("data:image/png;base64,") == 6 * 3     # film, overlay, raw map for 6 heatmaps
+    assert html.count("data:image/jpeg;base64,") == 6 * 3     # film, overlay, raw map for 6 heatmaps
     assert 'class="card hit"' in html or 'class="card miss"' in html
 
     dom = _browse(page, tmp_path, "--dump-dom")
@@ -64,3 +64,12 @@ def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny
     assert (spread > 120).mean() > 0.02          # colour-mapped overlays rendered (jet is saturated)
     grey = (spread < 10) & (image.mean(axis=2) > 30) & (image.mean(axis=2) < 220)
     assert grey.mean() > 0.02                    # and the films (grey, neither page white nor black)
+
+    # a large run's gallery comes in pages that a browser opens, each on its own and linked to the others
+    paged = cli("report", out, "--per-page", "4")
+    assert paged.returncode == 0 and f"wrote {page}, index-2.html" in paged.stderr
+    second = (out / "index-2.html").read_text()
+    assert page.read_text().count('class="card') == 4 and second.count('class="card') == 2
+    assert '<a href="index.html">1</a> <b>2</b> of 2' in second and '<a href="index-2.html">2</a>' in page.read_text()
+    assert second.count("data:image/jpeg;base64,") == 2 * 3 and "<h1>6 heatmaps on 2 films</h1>" in second
+    assert cli("report", out).returncode == 0 and not (out / "index-2.html").exists()   # one page again: no stale

@@ -178,7 +178,7 @@ def test_evaluate_truth_maps_from_fixations_and_from_a_folder(tmp_path):
     assert summary["retrieval"]["model_to_clinician_r@1"]["value"] == 1
     assert (tmp_path / "run" / "agreement.md").read_text().startswith("# Agreement of 6 heatmaps on 6 films")
     from attention_map.report import write_report
-    assert "clinicians: CC 1.00, NSS" in write_report(tmp_path / "run").read_text()     # shown in the gallery
+    assert "clinicians: CC 1.00, NSS" in write_report(tmp_path / "run")[0].read_text()     # shown in the gallery
 
     folder = tmp_path / "maps"                                # the same maps as PNGs, read as they are
     for name, density in truth.items():
