@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .config import DEFAULT_MODEL, ConfigError, default_conf_text, load_settings, parse_overrides
+from .outputs import DamagedFileError
 
 EXIT_FILE_SYSTEM = 1
 EXIT_CONFIG = 2
@@ -172,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention-map: {error.filename + ': ' if error.filename else ''}{error.strerror or error}",
               file=sys.stderr)
         return EXIT_FILE_SYSTEM
+    except DamagedFileError as error:   # a run's CSV cut short or damaged: evaluate, report, robustness read them
+        if args.verbose:
+            raise
+        print(f"attention-map: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         if args.verbose:
             raise

@@ -220,9 +220,29 @@ def detections_lines(rows: list[dict[str, str]]) -> bytes:
     return b"".join(lines)
 
 
+class DamagedFileError(ValueError):
+    """A CSV that a run wrote is cut short or damaged (a copy cut off, an edit); the message names the file and row."""
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    """The rows of a CSV that a run wrote, as dicts. DamagedFileError where a row has another number of fields than
+    the header (a row cut short would otherwise pass on as a row of empty fields) or the file is not UTF-8."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DamagedFileError(f"{path}:{reader.line_num}: {len(row)} fields where the header has "
+                                           f"{len(header)}: the file is cut short or damaged")
+                if row:
+                    rows.append(dict(zip(header, row)))
+    except UnicodeDecodeError as error:
+        raise DamagedFileError(f"{path}: not UTF-8 (byte {error.start}): the file is damaged") from None
+    except csv.Error as error:
+        raise DamagedFileError(f"{path}: {error}: the file is damaged") from None
+    return rows
 
 
 def read_manifest(output_dir: Path, purpose: str) -> list[dict[str, str]]:
@@ -230,7 +250,11 @@ def read_manifest(output_dir: Path, purpose: str) -> list[dict[str, str]]:
     manifest = Path(output_dir) / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: {purpose} a finished run (after `merge` for an array)")
-    return read_csv(manifest)
+    try:
+        return read_csv(manifest)
+    except DamagedFileError as error:
+        raise DamagedFileError(f"{error}; `attention-map merge {output_dir}` writes it again from the run's shards") \
+            from None
 
 
 def errors_bytes(errors: list[tuple[str, str, str, str]]) -> bytes:

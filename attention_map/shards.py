@@ -281,8 +281,12 @@ def merge(output_dir: Path, count: int | None = None) -> Merged:
                               f"resubmit them, e.g. `sbatch --array={listed} submit_heatmap_gen.sh CONF`, then merge")
     rows, errors = [], []
     for shard in shards:
-        rows.extend(outputs.read_csv(shard.path(output_dir, "manifest")))
-        errors.extend(tuple(e.values()) for e in outputs.read_csv(shard.path(output_dir, "errors")))
+        try:
+            rows.extend(outputs.read_csv(shard.path(output_dir, "manifest")))
+            errors.extend(tuple(e.values()) for e in outputs.read_csv(shard.path(output_dir, "errors")))
+        except outputs.DamagedFileError as error:   # the shard's run, again, writes both from its progress
+            raise IncompleteError(f"{error}; run shard {shard.index} again (e.g. `sbatch --array={shard.index} "
+                                  f"submit_heatmap_gen.sh CONF`; what it finished is kept), then merge") from None
     rows.sort(key=lambda row: tuple(map(int, row["order"].split("."))))
     errors.sort(key=lambda e: (int(e[0]) if e[0].isdigit() else 0, e[1], e[2]))
     outputs.write_atomic(output_dir / outputs.MANIFEST,

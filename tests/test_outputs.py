@@ -64,6 +64,27 @@ def test_merge_names_the_shards_that_have_not_finished(tmp_path):
     assert not (tmp_path / outputs.MANIFEST).exists()
 
 
+def test_a_shard_or_manifest_cut_short_is_named_not_merged_as_empty_fields(tmp_path):
+    shards.write_shard(tmp_path, shards.Shard(0, 1), {(0, 0): _row("a.png"), (1, 0): _row("b.png")}, [])
+    written = shards.Shard(0, 1).path(tmp_path, "manifest")
+    whole = written.read_bytes()
+    written.write_bytes(whole[:whole.rindex(b"b.png") + 9])        # the last row cut inside its question
+    with pytest.raises(shards.IncompleteError, match=rf"{written.name}:3: \d+ fields where the header has "
+                                                     rf"{len(outputs.MANIFEST_COLUMNS) + 1}: the file is cut short .*"
+                                                     rf"run shard 0 again"):
+        shards.merge(tmp_path, 1)
+    written.write_bytes(b"order,image_path\n\xff\n")
+    with pytest.raises(shards.IncompleteError, match="not UTF-8 .* the file is damaged"):
+        shards.merge(tmp_path, 1)
+    assert not (tmp_path / outputs.MANIFEST).exists()
+    written.write_bytes(whole)
+    shards.merge(tmp_path, 1)
+    manifest = (tmp_path / outputs.MANIFEST).read_bytes()
+    (tmp_path / outputs.MANIFEST).write_bytes(manifest[:-20])
+    with pytest.raises(outputs.DamagedFileError, match=r"vqa_manifest.csv:3: .*`attention-map merge .*` writes it"):
+        outputs.read_manifest(tmp_path, "evaluate")
+
+
 def test_png_completeness(tmp_path):
     path = tmp_path / "a.png"
     outputs.write_png(path, np.zeros((4, 4, 3), np.uint8))
