@@ -23,7 +23,7 @@ from skimage.filters import threshold_otsu
 
 from . import outputs
 from .boxes import box_scores
-from .records import DataFileError, q_id_of, read_items
+from .records import DataFileError, RecordError, q_id_of, read_items
 from .timing import progress
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def read_truth(path: Path) -> tuple[dict, list[str]]:
     except DataFileError as error:
         raise EvaluationError(str(error)) from None
     for index, (line, item) in enumerate(items):   # index: the q_id default, as for the run's records
+        if isinstance(item, RecordError):           # a line that is not JSON
+            skipped.append(f"{path}:{item.line}: {item.reason}")
         if not (isinstance(item, dict) and item.get("visual_locations")):
             continue
         boxes = item["visual_locations"]

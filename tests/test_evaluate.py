@@ -71,12 +71,14 @@ def test_boxes_that_cannot_be_read_are_left_out_and_named_by_row_and_field(tmp_p
     located = [[[10, 20, 30, 40]], [[10, 20, 30, 40], ["a", 1, 2, 3]], "10,20,30,40", [[10, 20, 5, 40]],
                [[True, 20, 30, 40]]]
     records.write_text("".join(json.dumps(dict(image_path="a.png", question="q", answer="yes", q_id=i,
-                                               visual_locations=boxes)) + "\n" for i, boxes in enumerate(located)))
+                                               visual_locations=boxes)) + "\n" for i, boxes in enumerate(located))
+                       + '{"image_path": "b.png", "visual_locations": [[1, 2, 3, 4]\n')
     truth, skipped = read_truth(records)
     assert list(truth) == [("a.png", "0")]     # one bad box leaves out its record's boxes (they go by position)
     assert [reason.split(" is not")[0] for reason in skipped] == [
         f"{records}:2: visual_locations[1]=['a', 1, 2, 3]", f"{records}:3: visual_locations[0]='10,20,30,40'",
-        f"{records}:4: visual_locations[0]=[10, 20, 5, 40]", f"{records}:5: visual_locations[0]=[True, 20, 30, 40]"]
+        f"{records}:4: visual_locations[0]=[10, 20, 5, 40]", f"{records}:5: visual_locations[0]=[True, 20, 30, 40]",
+        f"{records}:6: not valid JSON (Expecting ',' delimiter at column 58, where the line ends)"]
     assert skipped[0].endswith("(the 224 x 224 grid); the record's boxes are left out")
 
 
