@@ -104,7 +104,8 @@ def read_gaze(path: Path) -> Gaze:
         if missing:
             raise EvaluationError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} (a fixations CSV needs "
                                   f"image_path,x,y,duration[,frame][,reader])")
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num     # the file's line (blank lines are skipped, not counted out)
             values = {}
             for name in ("x", "y", "duration"):
                 try:

@@ -74,7 +74,8 @@ def read_truth(path: Path) -> tuple[dict, list[str]]:
             if missing:
                 raise EvaluationError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} "
                                       f"(a box CSV needs image_path,x,y,w,h[,label])")
-            for line, row in enumerate(reader, start=2):
+            for row in reader:
+                line = reader.line_num     # the file's line (blank lines are skipped, not counted out)
                 fields = {name: (row[name] or "").strip() for name in "xywh"}
                 if not any(fields.values()):
                     continue       # a film listed without a box (e.g. "Normal")
