@@ -56,6 +56,7 @@ def test_boxes_that_cannot_be_read_are_left_out_and_named_by_row_and_field(tmp_p
     boxes = tmp_path / "boxes.csv"
     boxes.write_text("image_path,x,y,w,h,label\n"
                      "a.png,10,20,30,40,nodule\n"
+                     "\n"                            # a blank line: the rows below keep their lines' numbers
                      "b.png,,,,,Normal\n"          # a film without a box: no complaint
                      "c.png,10,20,abc,40,x\n"
                      "d.png,10,20,30,0,x\n"
@@ -63,10 +64,10 @@ def test_boxes_that_cannot_be_read_are_left_out_and_named_by_row_and_field(tmp_p
                      "f.png,10,20\n")
     truth, skipped = read_truth(boxes)
     assert truth == {"a.png": [Boxes(((10.0, 20.0, 40.0, 60.0),))]}
-    assert skipped == [f"{boxes}:4: w='abc' is not a size above 0 in pixels of the film",
-                       f"{boxes}:5: h='0' is not a size above 0 in pixels of the film",
-                       f"{boxes}:6: x='inf' is not a coordinate in pixels of the film",
-                       f"{boxes}:7: w='' is not a size above 0 in pixels of the film"]
+    assert skipped == [f"{boxes}:5: w='abc' is not a size above 0 in pixels of the film",
+                       f"{boxes}:6: h='0' is not a size above 0 in pixels of the film",
+                       f"{boxes}:7: x='inf' is not a coordinate in pixels of the film",
+                       f"{boxes}:8: w='' is not a size above 0 in pixels of the film"]
     records = tmp_path / "records.jsonl"
     located = [[[10, 20, 30, 40]], [[10, 20, 30, 40], ["a", 1, 2, 3]], "10,20,30,40", [[10, 20, 5, 40]],
                [[True, 20, 30, 40]]]
