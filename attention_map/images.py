@@ -292,17 +292,20 @@ def _grey(pixels: np.ndarray, dataset) -> np.ndarray:
     return 1.0 - film if photometric == "MONOCHROME1" else film   # MONOCHROME1: low values are bright
 
 
-TWELVE_BITS = 4095
+STORED_BITS = (8, 10, 12, 14)     # the sample depths that 16-bit PNGs are written from
 
 
 def _sixteen_bit(values: np.ndarray) -> Film:
-    """A 16-bit (or 32-bit integer) raster: 0..65535 is 0..1. A film converted from DICOM often keeps its 12-bit
-    stored values (at most 4095), which read so would be a film near black that the model cannot read: such a film
-    is read as 0..4095, and its heatmaps' warning says so."""
+    """A 16-bit (or 32-bit integer) raster: 0..65535 is 0..1. A film converted from DICOM often keeps its stored
+    values (12 bits: at most 4095), and one converted from 8 bits its 0..255, which read so would be a film near
+    black that the model cannot read: a film whose values stay within 8, 10, 12 or 14 bits is read on that range, and
+    its heatmaps' warning says so."""
     high = float(values.max())
-    if 0 < high <= TWELVE_BITS:
-        return Film((values / TWELVE_BITS).clip(0, 1).astype(np.float32),
-                    warning=f"a 16-bit image whose values stay within 12 bits (up to {high:.0f}): read as 0..4095")
+    bits = next((bits for bits in STORED_BITS if high <= 2 ** bits - 1), None) if high > 0 else None
+    if bits is not None:
+        return Film((values / (2 ** bits - 1)).clip(0, 1).astype(np.float32),
+                    warning=f"a 16-bit image whose values stay within {bits} bits (up to {high:.0f}): read as "
+                            f"0..{2 ** bits - 1}")
     return Film((values / max(65535.0, high)).clip(0, 1).astype(np.float32))
 
 

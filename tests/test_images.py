@@ -56,13 +56,16 @@ def test_modes_and_formats(tmp_path, mode, suffix):
     assert np.abs(film - ramp / 255.0).max() < 0.03
 
 
-def test_a_16_bit_png_of_12_bit_values_reads_as_0_to_4095_with_a_warning(tmp_path):
-    # PNGs converted from DICOM often keep the stored 12-bit values; read as 0..65535 they were a film near black
+@pytest.mark.parametrize("bits", [8, 12, 14])
+def test_a_16_bit_png_of_fewer_bits_reads_on_their_range_with_a_warning(tmp_path, bits):
+    # PNGs converted from DICOM often keep the stored 12-bit values, and some hold 8-bit values in 16 bits; read as
+    # 0..65535 they were films near black
     ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
-    Image.fromarray((ramp.astype(np.int64) * 4095 // 255).astype(np.uint16)).save(tmp_path / "twelve.png")
-    film = read_film(tmp_path / "twelve.png")
-    assert np.abs(film.pixels - ramp / 255.0).max() < 1 / 4095 + 1e-6
-    assert film.warning == "a 16-bit image whose values stay within 12 bits (up to 4095): read as 0..4095"
+    top = 2 ** bits - 1
+    Image.fromarray((ramp.astype(np.int64) * top // 255).astype(np.uint16)).save(tmp_path / "few.png")
+    film = read_film(tmp_path / "few.png")
+    assert np.abs(film.pixels - ramp / 255.0).max() < 1 / top + 1e-6
+    assert film.warning == f"a 16-bit image whose values stay within {bits} bits (up to {top}): read as 0..{top}"
     Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")   # the full range: as it is
     assert read_film(tmp_path / "sixteen.png").warning == ""
 
