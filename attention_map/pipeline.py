@@ -132,6 +132,15 @@ def check_compiler(settings: Settings, device: torch.device) -> None:
                            f"install one or set COMPILE=false"])
 
 
+def recorded_settings(settings: Settings, shard: shards.Shard) -> Settings:
+    """The settings that OUTPUT_DIR/run_config.conf records: the shard count, which the array's later tasks read,
+    and the data's paths absolute, so that `report`, `robustness` and `merge` find the films and records from any
+    folder. MODEL and MODEL_WEIGHTS stay as written: they are in the maps' fingerprint, which a resumed run compares."""
+    absolute = {name: Path(os.path.abspath(value)) for name in ("RESULTS_ROOT", "DATA_FILE", "IMAGE_ROOT", "OUTPUT_DIR")
+                if (value := getattr(settings, name)) is not None}
+    return dataclasses.replace(settings, SHARD_INDEX=None, SHARD_COUNT=shard.count, **absolute)
+
+
 def check_targets(model, targets: tuple[str, ...]) -> None:
     """Every name in TARGETS is an output of the model, before any film is read."""
     problems = [f"TARGETS: {reason}" for reason in map(model.check_target, targets) if reason]
@@ -346,7 +355,7 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
     except OSError as error:        # checked with the settings; this is what the check cannot foresee
         raise ConfigError([f"OUTPUT_DIR={settings.OUTPUT_DIR} cannot be made: {error.strerror}"]) from None
     hold.enter_context(shards.held(settings.OUTPUT_DIR, shard))
-    recorded = dataclasses.replace(settings, SHARD_INDEX=None, SHARD_COUNT=shard.count)
+    recorded = recorded_settings(settings, shard)
     outputs.write_atomic(settings.OUTPUT_DIR / outputs.RUN_CONFIG, recorded.to_conf().encode())
     (settings.OUTPUT_DIR / outputs.MANIFEST).unlink(missing_ok=True)   # present only when every shard is done
     progress.open()
