@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from html import escape
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from . import outputs
 from .images import ImageError, read_film
 from .shards import read_run_config
 from .timing import progress
+
+log = logging.getLogger(__name__)
 
 THUMBNAIL = 256   # longest side, pixels
 PER_PAGE = 500    # heatmaps per page: some 15 MB of thumbnails, which a browser opens at once
@@ -174,14 +177,18 @@ def write_report(output_dir: Path, per_page: int = PER_PAGE) -> list[Path]:
             stale.unlink()
     top = (f'<h1>{len(rows)} heatmaps on {len({(r["source_image"], r.get("frame", "")) for r in rows})} films</h1>'
            f'{summary}<div class="bar">{buttons}</div>')
-    films, cards = {}, []       # films: the thumbnails of this page's films, each made once
+    films, cards, unread = {}, [], set()     # films: the thumbnails of this page's films, each made once
     for order in progress(range(len(rows)), "report"):
         row = rows[order]
         cards.append(_card(output_dir, image_root, order, row, scores.get(row["image_path"]),
                            agreed.get(row["image_path"]), films))
+        unread.update(film for film, uri in films.items() if not uri)
         if len(cards) == per_page or order == len(rows) - 1:
             _write_page(output_dir, order // per_page + 1, pages, per_page, top, cards)
             films, cards = {}, []
+    if unread:
+        log.warning("%d films could not be read under IMAGE_ROOT=%s (from %s), e.g. %s: their cards show the maps "
+                    "without the film", len(unread), image_root, outputs.RUN_CONFIG, next(iter(unread))[0])
     if not rows:
         _write_page(output_dir, 1, 1, per_page, top, [])
     return [output_dir / _page_name(number) for number in range(1, pages + 1)]

@@ -74,3 +74,8 @@ def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny
     assert '<a href="index.html">1</a> <b>2</b> of 2' in second and '<a href="index-2.html">2</a>' in page.read_text()
     assert second.count("data:image/jpeg;base64,") == 2 * 3 and "<h1>6 heatmaps on 2 films</h1>" in second
     assert cli("report", out).returncode == 0 and not (out / "index-2.html").exists()   # one page again: no stale
+    config = out / "run_config.conf"
+    config.write_text(config.read_text().replace(str(tmp_path / "data"), str(tmp_path / "moved")))
+    moved = cli("report", out)
+    assert moved.returncode == 0 and f"2 films could not be read under IMAGE_ROOT={tmp_path / 'moved'}" in moved.stderr
+    assert out.joinpath("index.html").read_text().count("(film not available)") == 6
