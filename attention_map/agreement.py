@@ -278,8 +278,14 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
         entry[1] += 1
         entry[2].setdefault(key[1], _grid(truth / truth.sum()))
     if not table:
+        named = next((key[0] for key in gaze.fixations), None) if gaze.folder is None else None
         raise EvaluationError(f"no heatmap of {manifest} has a clinician map in {truth_path} (matched by the film's "
-                              f"image_path and frame)")
+                              f"image_path and frame; the run's first film is "
+                              f"{rows[0]['source_image'] if rows else None!r}" +
+                              ((f", the fixations' {named!r})" if named is not None else
+                                ", the fixations file has no row it could read)") if gaze.folder is None else
+                               f", looked for at {truth_path / Path(rows[0]['source_image']).with_suffix('.png')})"
+                               if rows else ")"))
 
     films = np.array([s["source_image"] for s in table])
     names = [name for name in MAP_METRICS + LOCATION_METRICS + ("info_gain",) if name in table[0]]

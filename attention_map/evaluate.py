@@ -254,7 +254,11 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
             scores |= box_scores(json.loads(row["boxes"]), true_boxes)
         scored.append(scores)
     if not scored:
-        raise EvaluationError(f"no heatmap of {manifest} has a box in {truth_path} (matched by image path and q_id)")
+        named = next((key[0] if isinstance(key, tuple) else key for key in truth), None)
+        raise EvaluationError(f"no heatmap of {manifest} has a box in {truth_path} (matched by image path and q_id; "
+                              f"the run's first film is {rows[0]['source_image'] if rows else None!r}, " +
+                              (f"the truth's {named!r})" if named is not None else "the truth has no box it could "
+                               "read)"))
     films = np.array([s["source_image"] for s in scored])
     aggregates = {name: cluster_bootstrap(np.array([s[name] for s in scored]), films, resamples, seed)
                   for name in METRICS + BOX_METRICS if name in scored[0]}

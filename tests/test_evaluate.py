@@ -132,6 +132,11 @@ def test_pixel_box_csv_truth_and_clear_errors(random_run, cxr, tmp_path):
     assert result.skipped_rows == [f"{boxes}:{sum(1 for _ in open(boxes))}: w='thirty' is not a size above 0 in "
                                    f"pixels of the film"]
     assert "1 rows of the truth file could not be read" in (random_run / "evaluation.md").read_text()
+    named_otherwise = tmp_path / "named_otherwise.csv"
+    named_otherwise.write_text("image_path,x,y,w,h\n00000001_000.png,1,2,3,4\n")
+    unmatched = cli("evaluate", random_run, "--truth", named_otherwise)
+    assert unmatched.returncode == 2 and "the run's first film is 'nih/" in unmatched.stderr
+    assert "the truth's '00000001_000.png')" in unmatched.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("image,x,y\n")
     failed = cli("evaluate", random_run, "--truth", bad)

@@ -208,6 +208,10 @@ def test_films_no_clinician_looked_at_are_counted_apart_from_the_scored(tmp_path
     result = agreement(tmp_path / "run", gaze, sigma=6, baseline="centre")
     assert (result.heatmaps, result.films, result.without_truth) == (4, 4, 1)
     assert result.aggregates["cc"][0] > 0.99 and result.retrieval["cases"] == 4
+    other = tmp_path / "other.csv"                        # fixations named otherwise than the run names its films
+    other.write_text("image_path,x,y,duration\nimages/f0.png,10,10,1\n")
+    with pytest.raises(EvaluationError, match=r"the run's first film is 'f0.png', the fixations' 'images/f0.png'\)"):
+        agreement(tmp_path / "run", other)
     next((tmp_path / "run").glob("f2*")).unlink()           # a run's file gone: the message says how to remake it
     with pytest.raises(EvaluationError, match=r"f2.*cannot read it .*RESUME=true\) remakes the run's missing"):
         agreement(tmp_path / "run", gaze)
