@@ -172,7 +172,8 @@ class Agreement:
         lines = [f"# Agreement of {self.heatmaps} heatmaps on {self.films} films with the clinicians' maps", "",
                  "Means with 95% confidence intervals (cluster bootstrap over films). " +
                  (f"Fixation maps: Gaussian sigma {self.sigma}. " if self.sigma else
-                  "Clinicians' maps: PNGs as they are. ") + f"{self.without_truth} heatmaps had no clinician map and are not counted." +
+                  "Clinicians' maps: PNGs as they are. ") +
+                 f"{self.without_truth} heatmaps had no clinician map and are not counted." +
                  (f" {len(self.skipped_rows)} rows of the fixations file or maps of the folder could not be read (see "
                   f"agreement.json)." if self.skipped_rows else ""), ""] + metric_table(self.aggregates)
         if self.retrieval.get("cases", 0) > 1:
@@ -278,14 +279,15 @@ def agreement(output_dir: Path, truth_path: Path, sigma: float | None = None, ba
         entry[1] += 1
         entry[2].setdefault(key[1], _grid(truth / truth.sum()))
     if not table:
-        named = next((key[0] for key in gaze.fixations), None) if gaze.folder is None else None
+        first = rows[0]["source_image"] if rows else None
+        if gaze.folder is not None:
+            theirs = f"looked for at {truth_path / Path(first).with_suffix('.png')}" if first else "an empty run"
+        elif gaze.fixations:
+            theirs = f"the fixations' {next(iter(gaze.fixations))[0]!r}"
+        else:
+            theirs = "the fixations file has no row it could read"
         raise EvaluationError(f"no heatmap of {manifest} has a clinician map in {truth_path} (matched by the film's "
-                              f"image_path and frame; the run's first film is "
-                              f"{rows[0]['source_image'] if rows else None!r}" +
-                              ((f", the fixations' {named!r})" if named is not None else
-                                ", the fixations file has no row it could read)") if gaze.folder is None else
-                               f", looked for at {truth_path / Path(rows[0]['source_image']).with_suffix('.png')})"
-                               if rows else ")"))
+                              f"image_path and frame; the run's first film is {first!r}, {theirs})")
 
     films = np.array([s["source_image"] for s in table])
     names = [name for name in MAP_METRICS + LOCATION_METRICS + ("info_gain",) if name in table[0]]

@@ -48,6 +48,7 @@ def _pixels(text: str) -> float:
     """An argparse type: a length in pixels."""
     return _number(text, float, lambda value: 0 < value < float("inf"), "a length in pixels above 0")
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-map", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

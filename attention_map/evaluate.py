@@ -24,12 +24,12 @@ from skimage.filters import threshold_otsu
 from . import outputs
 from .boxes import box_scores
 from .records import DataFileError, RecordError, q_id_of, read_items
+from .render import RAW_MAX
 from .timing import progress
 
 log = logging.getLogger(__name__)
 
 GEMEX_GRID = 224
-RAW_MAX = 65535         # a raw map is a 16-bit PNG: its value / RAW_MAX is the map in [0, 1]
 METRICS = ("hit", "energy", "energy_ratio", "iou_otsu", "dice_otsu", "iou_top", "dice_top", "auroc")
 BOX_METRICS = ("box_precision", "box_recall", "box_best_iou", "boxes_predicted")
 

@@ -34,9 +34,12 @@ def overlay(film: np.ndarray, cam: np.ndarray, colormap: str = "jet", alpha: flo
     return cv2.addWeighted(grey, (1.0 - alpha) * 255, heat, alpha, 0, dtype=cv2.CV_8U)
 
 
+RAW_MAX = 65535      # a raw map's value that stands for 1
+
+
 def raw_map_16bit(cam: np.ndarray) -> np.ndarray:
-    """(H, W) uint16: 0..65535 stands for 0..1."""
-    return np.round(np.clip(cam, 0, 1) * 65535).astype(np.uint16)
+    """(H, W) uint16: 0..RAW_MAX stands for 0..1."""
+    return np.round(np.clip(cam, 0, 1) * RAW_MAX).astype(np.uint16)
 
 
 BOX_COLOURS = np.array([[255, 64, 64], [255, 200, 0], [0, 220, 0], [0, 200, 255], [200, 80, 255]], np.uint8)  # RGB

@@ -182,9 +182,9 @@ def write_report(output_dir: Path, per_page: int = PER_PAGE) -> list[Path]:
         row = rows[order]
         cards.append(_card(output_dir, image_root, order, row, scores.get(row["image_path"]),
                            agreed.get(row["image_path"]), films))
-        unread.update(film for film, uri in films.items() if not uri)
         if len(cards) == per_page or order == len(rows) - 1:
             _write_page(output_dir, order // per_page + 1, pages, per_page, top, cards)
+            unread.update(film for film, uri in films.items() if not uri)
             films, cards = {}, []
     if unread:
         log.warning("%d films could not be read under IMAGE_ROOT=%s (from %s), e.g. %s: their cards show the maps "
