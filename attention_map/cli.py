@@ -4,13 +4,14 @@ train-zone-model | train-lesion-detector | make-demo-data | default-conf.
 Exit status: 0 all done; 1 the file system refused a read or write (the file named, -v for the traceback); 2 the
 run could not start (settings, data file, model; nothing written); 3 finished, but some records or images failed
 (OUTPUT_DIR/errors.csv); 4 FAIL_FAST=true stopped at a failure; 5 merge found shards that have not finished; 130
-interrupted (Ctrl-C).
+interrupted (Ctrl-C); 143 stopped by SIGTERM (scancel, preemption, a time limit, `kill`, `docker stop`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,19 @@ EXIT_FILE_SYSTEM = 1
 EXIT_CONFIG = 2
 EXIT_SHARDS_MISSING = 5
 EXIT_INTERRUPTED = 130    # as a shell reports a command that Ctrl-C stopped (128 + SIGINT)
+EXIT_TERMINATED = 143     # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's scancel, preemption or time limit, `kill`, `docker stop`), raised where Ctrl-C raises
+    KeyboardInterrupt so that the run stops the same way: finished outputs kept, worker processes shut down. Left to
+    its default, SIGTERM killed this process alone, and its decoders and post-processing workers lived on; as a
+    container's first process it ignored SIGTERM."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a second SIGTERM, during the shutdown, stops at once
+    raise Terminated
 
 
 def _number(text: str, kind, check, wanted: str):
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("attention_map")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    before = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _command(args, log)
     except OSError as error:        # a folder that is a file, no permission, a full disk: the user's to fix
@@ -179,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"attention-map: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         if args.verbose:
             raise
-        print("attention-map: interrupted; what was finished is kept (the same command again resumes a run)",
+        said = "stopped by SIGTERM" if isinstance(interruption, Terminated) else "interrupted"
+        print(f"attention-map: {said}; what was finished is kept (the same command again resumes a run)",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)   # main() called in-process
 
 
 def _command(args: argparse.Namespace, log: logging.Logger) -> int:

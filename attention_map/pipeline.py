@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -227,7 +230,8 @@ def _films(settings: Settings, sources: list[Source], workers: int):
         return (films[i] for i in range(len(films)))
     # Decoding a film costs far less than post-processing its maps: a few decoders keep up.
     return iter(torch.utils.data.DataLoader(films, batch_size=None, num_workers=min(workers, DECODERS),
-                                            prefetch_factor=2, collate_fn=_as_is))
+                                            prefetch_factor=2, collate_fn=_as_is,
+                                            worker_init_fn=functools.partial(_start_worker, os.getpid())))
 
 
 def _post_pool(workers: int) -> Executor | None:
@@ -236,13 +240,33 @@ def _post_pool(workers: int) -> Executor | None:
     if not workers:
         return None
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=_one_thread_each)
+                               initializer=_start_post_worker, initargs=(os.getpid(),))
 
 
-def _one_thread_each() -> None:
+def _start_post_worker(run: int) -> None:
     """Each worker is one of many processes: OpenCV's own thread pool would only oversubscribe the cores."""
     import cv2
     cv2.setNumThreads(1)
+    _start_worker(run)
+
+
+def _start_worker(run: int, *_) -> None:
+    """A worker (a decoder, a post-processing worker) of the run of process id `run` leaves SIGTERM to the run, which
+    shuts its workers down in order (attention_map.cli.Terminated): Slurm's scancel, preemption and time limit signal
+    every process of a job, and a decoder killed while handing over a film left the run waiting for the rest of it.
+    And it ends when the run is gone: a run killed outright (SIGKILL, out of memory) left its workers, and the fork
+    server they keep alive, waiting for work."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_end_without, args=(run,), daemon=True).start()
+
+
+def _end_without(run: int) -> None:
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(run, 0)
+        except ProcessLookupError:
+            os._exit(1)
 
 
 def _submit(pool: Executor | None, function, *args) -> Future:

@@ -118,6 +118,28 @@ def test_the_pipeline_runs_in_docker_offline_and_outputs_belong_to_the_user(tmp_
     assert f"--user {uid}:" in dry.stdout and "--network none" in dry.stdout, dry.stdout + dry.stderr
     assert f"--volume {model}:{model}:ro" in dry.stdout and f"--volume {out}:{out}:rw" in dry.stdout
 
+    # Slurm's scancel, preemption and time limit signal the job's processes, the Docker client among them, which passes
+    # SIGTERM on to the container's first process: the run. (With no handler of its own it ignored SIGTERM there, and
+    # the container ran on after its job had ended.)
+    stopped = work / "stopped"      # every film, with the CRF: seconds of work left when the first heatmap is written
+    stopping = subprocess.Popen([*command, f"OUTPUT_DIR={stopped}", "STOP_AFTER=", "SKIP_CRF=false"], cwd=REPO,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    journal = stopped / "shards" / "progress-0000-of-0001.jsonl"
+    deadline = time.monotonic() + 600
+    while not (journal.exists() and journal.read_bytes().count(b"\n")) and stopping.poll() is None:
+        assert time.monotonic() < deadline, "the run in the container wrote no heatmap in 10 minutes"
+        time.sleep(0.01)
+    client = subprocess.run(["pgrep", "--parent", str(stopping.pid)], capture_output=True, text=True).stdout.split()
+    assert len(client) == 1 and subprocess.run(["kill", "-TERM", client[0]]).returncode == 0, stopping.communicate()
+    said = stopping.communicate(timeout=120)[0]
+    assert "attention-map: stopped by SIGTERM; what was finished is kept" in said, said[-2000:]
+    assert stopping.returncode == 143
+    running = ["docker", "ps", "--quiet", "--filter", f"ancestor={docker_image}"]
+    deadline = time.monotonic() + 60
+    while subprocess.run(running, capture_output=True, text=True).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not subprocess.run(running, capture_output=True, text=True).stdout.strip()
+
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Done: 4 images, 4 heatmaps written, 0 failed" in result.stdout

@@ -1,4 +1,5 @@
 """Bad inputs, resume, overwrite and fail-fast: one bad item never costs the batch, and reruns redo only what is missing."""
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -9,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from attention_map.synthetic import make_film
@@ -172,7 +174,12 @@ def test_a_second_run_on_a_shard_being_written_stops_and_names_the_first(tmp_pat
     assert len(read_manifest(out)) == 2 and (out / "shards" / "lock-0000-of-0001").read_text() == ""
 
 
-def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path, tiny_model):
+@pytest.mark.parametrize("signal_name, status, said_first", [("SIGINT", 130, "interrupted"),
+                                                             ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path, tiny_model, signal_name,
+                                                                                   status, said_first):
+    """Ctrl-C; SIGTERM to the run alone, as `kill`, `timeout` and `docker stop` (to a container's first process, which
+    ignores a signal it has no handler for) send it."""
     import signal
     import subprocess
     import sys
@@ -186,16 +193,71 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes_it(tmp_path
         process = subprocess.Popen([sys.executable, "-m", "attention_map", *map(str, run)], stderr=stderr,
                                    stdout=subprocess.DEVNULL)
         _wait_for_heatmaps(process, out, 1)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=120) == status
         stderr.seek(0)
         said = stderr.read()
     assert "Traceback" not in said and said.strip().splitlines()[-1] == (
-        "attention-map: interrupted; what was finished is kept (the same command again resumes a run)"), said
+        f"attention-map: {said_first}; what was finished is kept (the same command again resumes a run)"), said
     again = cli(*run)
     assert again.returncode == 0 and "already done" in again.stdout and ", 0 already done" not in again.stdout
     assert len(read_manifest(out)) == 12
 
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_signalled_run_with_workers_leaves_no_process_behind(tmp_path, tiny_model, signal_name):
+    """Slurm's scancel, preemption and time limit send SIGTERM to every process of a job; the kernel's out-of-memory
+    killer sends SIGKILL to the run alone. The run, with decoders and post-processing workers, stops (SIGTERM: one
+    line, status 143, no film counted as failed) and no process of it is left. (That a rerun resumes: the Ctrl-C test
+    above, the killed-runs test below.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=8, size=192)
+    out = tmp_path / "out"
+    run = ("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "WORKERS=2")
+    number = getattr(signal, signal_name)
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "attention_map", *map(str, run)], stderr=stderr,
+                                   stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_for_heatmaps(process, out, 1)
+            os.killpg(process.pid, number) if number == signal.SIGTERM else process.kill()
+            status = process.wait(timeout=120)
+            deadline = time.monotonic() + 60
+            while _group_alive(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            left = _group_alive(process.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        stderr.seek(0)
+        said = stderr.read()
+    assert not left, f"processes of the run outlived it: {left}"
+    if number == signal.SIGTERM:
+        assert status == 143, said
+        assert "Traceback" not in said and " ERROR " not in said and said.strip().splitlines()[-1] == (
+            "attention-map: stopped by SIGTERM; what was finished is kept (the same command again resumes a run)"), said
+    else:
+        assert status == -number
+
+
+def _group_alive(group: int) -> list[str]:
+    """The command lines of the processes of process group `group` still running (zombies are not)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2:].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except (OSError, ValueError):   # gone meanwhile
+            pass
+    return alive
 
 def test_a_wrong_image_root_names_the_paths_looked_at_and_says_what_to_check(tmp_path, tiny_model):
     from attention_map.synthetic import write_demo_data
