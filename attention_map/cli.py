@@ -205,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)   # main() called in-process
 
 
+def _refused(error: ConfigError, log: logging.Logger) -> int:
+    """The settings' problems, one line each, after what the log would have said of them."""
+    for note in error.notes:
+        log.info(note)
+    for problem in error.problems:
+        print(f"attention-map: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def _command(args: argparse.Namespace, log: logging.Logger) -> int:
     if args.command == "default-conf":
         sys.stdout.write(default_conf_text())
@@ -333,9 +342,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
             try:
                 args.output_dir = load_settings(args.config, parse_overrides(args.overrides))[0].OUTPUT_DIR
             except ConfigError as error:
-                for problem in error.problems:
-                    print(f"attention-map: {problem}", file=sys.stderr)
-                return EXIT_CONFIG
+                return _refused(error, log)
         try:
             merged = merge(args.output_dir)
         except IncompleteError as error:
@@ -353,17 +360,13 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
     try:
         settings, notes = load_settings(args.config, parse_overrides(args.overrides))
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"attention-map: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refused(error, log)
     for note in notes:
         log.info(note)
     try:
         summary = run(settings)
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"attention-map: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refused(error, log)
     except (DataFileError, ModelLoadError) as error:
         print(f"attention-map: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -48,10 +48,12 @@ def model_kind(model: str) -> str:
 
 
 class ConfigError(ValueError):
-    """One or more settings are wrong; each line names the file, the key and what is wrong."""
+    """One or more settings are wrong; each line names the file, the key and what is wrong. `notes`: what the log
+    would have said of the settings (a value from the environment, a variable expanded to nothing), which may explain
+    a problem."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
+    def __init__(self, problems: list[str], notes: list[str] = ()):
+        self.problems, self.notes = problems, list(notes)
         super().__init__("\n".join(problems))
 
 
@@ -231,6 +233,9 @@ __am_dump'''
 
 
 _BASH_ERROR = re.compile(r"^(.+?): line (\d+): (.+)$")
+# $NAME or ${NAME}, not ${NAME:-default} and its kin; in a line without its comment and its single-quoted text
+_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
+_NOT_EXPANDED = re.compile(r"'[^']*'|(?:^|\s)#.*$")
 
 
 def _bash_error(said: re.Match, path: Path) -> str:
@@ -285,7 +290,20 @@ def source_conf(path: Path) -> tuple[dict[str, str], set[str], list[str]]:
     before, after = parse(before_raw), parse(after_raw)
     changed = {k for k, v in after.items() if before.get(k) != v and k not in _BASH_VARIABLES
                and not k.startswith("__am")}
-    return after, changed, warnings
+    return after, changed, warnings + _unset_references(path, after)
+
+
+def _unset_references(path: Path, variables: dict[str, str]) -> list[str]:
+    """A line for each variable the file expands that is set neither by it nor by the environment: bash expands it
+    to nothing, so `OUTPUT_DIR=results/${EXPERIMENT}` with EXPERIMENT unset (or misspelt) writes into results/."""
+    said = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for match in _REFERENCE.finditer(_NOT_EXPANDED.sub("", line)):
+            name = match.group(1) or match.group(2)
+            if name not in variables:
+                said.append(f"{path}: line {number}: ${name} is not set, so it expands to nothing (set it, or write "
+                            f"${{{name}:-default}})")
+    return said
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:
@@ -463,7 +481,7 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
         problems.append(f"{raw['TARGETS'][1]}: TARGETS applies to classifiers; a detector's maps explain "
                         f"DETECTION_TARGET (topk, sum or box)")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, notes)
     if settings.IMAGE_ROOT is None:
         settings = dataclasses.replace(settings, IMAGE_ROOT=settings.DATA_FILE.parent)
     return settings, notes

@@ -126,6 +126,18 @@ def test_config_errors_stop_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_a_run_refused_for_its_settings_says_which_variable_expanded_to_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("AM_TEST_DATA_ROOT", raising=False)
+    conf = tmp_path / "exp.conf"
+    conf.write_text(f'DATA_FILE="$AM_TEST_DATA_ROOT/records.jsonl"\nOUTPUT_DIR="{tmp_path}/out"\n')
+    result = cli("run", "--config", conf)
+    assert result.returncode == 2
+    said = result.stderr.splitlines()
+    assert said[-2].endswith(f"INFO {conf}: line 1: $AM_TEST_DATA_ROOT is not set, so it expands to nothing (set it, "
+                             "or write ${AM_TEST_DATA_ROOT:-default})"), said
+    assert said[-1] == f"attention-map: {conf}: DATA_FILE=/records.jsonl does not exist or is not a file", said
+
+
 @pytest.mark.parametrize("args, message", [
     (("make-demo-data", "{tmp}/demo", "--count", "0"), "argument --count: '0' is not a whole number of at least 1"),
     (("train-toy-model", "{tmp}/toy", "--steps", "-1"), "argument --steps: '-1' is not a whole number of at least 0"),

@@ -47,6 +47,23 @@ def test_a_key_written_in_lower_case_in_a_file_is_a_helper_and_the_log_says_so(t
                      f"{conf}: topk is lower case, so a helper variable of the file, not the key TOPK"]
 
 
+def test_a_variable_the_file_expands_that_no_one_set_is_named_with_its_line(tmp_path, monkeypatch):
+    """bash expands it to nothing: results/${AM_TEST_EXPERIMENT} with the variable unset (or misspelt) is results/."""
+    for name in ("AM_TEST_EXPERIMENT", "AM_TEST_OTHER", "AM_TEST_UNSET", "AM_TEST_QUOTED", "AM_TEST_COMMENT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AM_TEST_SET", "x")
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\n'
+                           'OUTPUT_DIR="results/${AM_TEST_EXPERIMENT}"   # the experiment\'s folder\n'
+                           'name="${AM_TEST_OTHER:-exp_01}"\n'            # a default: meant
+                           "label='$AM_TEST_QUOTED'\n"                    # single quotes: not expanded
+                           '# OUTPUT_DIR=$AM_TEST_COMMENT\n'
+                           'both=$AM_TEST_SET$AM_TEST_UNSET\n')
+    settings, notes = load_settings(conf)
+    assert settings.OUTPUT_DIR == Path("results")
+    assert notes == [f"{conf}: line {number}: ${name} is not set, so it expands to nothing (set it, or write "
+                     f"${{{name}:-default}})" for number, name in [(2, "AM_TEST_EXPERIMENT"), (6, "AM_TEST_UNSET")]]
+
+
 
 def test_cam_method_of_older_files_points_to_cam_version_whose_values_take_any_case(tmp_path):
     conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\nCAM_METHOD=gscorecam\n')
