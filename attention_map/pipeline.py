@@ -67,7 +67,7 @@ class Summary:
 
     def text(self) -> str:
         rate = self.heatmaps / self.seconds if self.seconds > 0 else 0.0
-        per_heatmap = f" ({self.masked_forwards / self.heatmaps:.0f} per heatmap)" if self.heatmaps else ""
+        per_heatmap = f" ({self.masked_forwards / self.heatmaps:.3g} per heatmap)" if self.heatmaps else ""
         failed = (f"{self.failures} failed (see {self.errors_file})" if self.failures
                   else "0 failed")
         where = (f"Overlays and {outputs.MANIFEST} are in {self.output_dir}." if not self.shard else
@@ -265,7 +265,7 @@ def _end_without(run: int) -> None:
         time.sleep(1)
         try:
             os.kill(run, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):   # gone; or its number taken by another user's process
             os._exit(1)
 
 
