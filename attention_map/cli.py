@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interruption:
         if args.verbose:
             raise
-        said = "stopped by SIGTERM" if isinstance(interruption, Terminated) else "interrupted"
-        print(f"attention-map: {said}; what was finished is kept (the same command again resumes a run)",
-              file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
+        terminated = isinstance(interruption, Terminated)
+        print(f"attention-map: {'stopped by SIGTERM' if terminated else 'interrupted'}; what was finished is kept (the "
+              f"same command again resumes a run)", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)   # main() called in-process
 

@@ -64,7 +64,6 @@ def test_a_variable_the_file_expands_that_no_one_set_is_named_with_its_line(tmp_
                      f"${{{name}:-default}})" for number, name in [(2, "AM_TEST_EXPERIMENT"), (6, "AM_TEST_UNSET")]]
 
 
-
 def test_cam_method_of_older_files_points_to_cam_version_whose_values_take_any_case(tmp_path):
     conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\nCAM_METHOD=gscorecam\n')
     with pytest.raises(ConfigError) as caught:

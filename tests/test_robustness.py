@@ -226,7 +226,10 @@ def test_a_signalled_run_with_workers_leaves_no_process_behind(tmp_path, tiny_mo
                                    stdout=subprocess.DEVNULL, start_new_session=True)
         try:
             _wait_for_heatmaps(process, out, 1)
-            os.killpg(process.pid, number) if number == signal.SIGTERM else process.kill()
+            if number == signal.SIGTERM:
+                os.killpg(process.pid, number)
+            else:
+                process.kill()
             status = process.wait(timeout=120)
             deadline = time.monotonic() + 60
             while _group_alive(process.pid) and time.monotonic() < deadline:
@@ -258,6 +261,7 @@ def _group_alive(group: int) -> list[str]:
         except (OSError, ValueError):   # gone meanwhile
             pass
     return alive
+
 
 def test_a_wrong_image_root_names_the_paths_looked_at_and_says_what_to_check(tmp_path, tiny_model):
     from attention_map.synthetic import write_demo_data
