@@ -38,6 +38,8 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 MpiDefault=none
 ReturnToService=2
+# sbatch --wait sleeps 2, 8, then 32 s between polls where MinJobAge (300 by default) allows; at 6 it polls every 2 s
+MinJobAge=6
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=16000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
