@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from .config import DEFAULT_MODEL, ConfigError, default_conf_text, load_settings, parse_overrides
@@ -184,25 +185,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _command(args, log)
     except OSError as error:        # a folder that is a file, no permission, a full disk: the user's to fix
-        if args.verbose:
-            raise
-        print(f"attention-map: {error.filename + ': ' if error.filename else ''}{error.strerror or error}",
-              file=sys.stderr)
-        return EXIT_FILE_SYSTEM
+        return _ended(args, f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}",
+                      EXIT_FILE_SYSTEM)
     except DamagedFileError as error:   # a run's CSV cut short or damaged: evaluate, report, robustness read them
-        if args.verbose:
-            raise
-        print(f"attention-map: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _ended(args, str(error), EXIT_CONFIG)
     except KeyboardInterrupt as interruption:
-        if args.verbose:
-            raise
         terminated = isinstance(interruption, Terminated)
-        print(f"attention-map: {'stopped by SIGTERM' if terminated else 'interrupted'}; what was finished is kept (the "
-              f"same command again resumes a run)", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return _ended(args, f"{'stopped by SIGTERM' if terminated else 'interrupted'}; what was finished is kept (the "
+                            f"same command again resumes a run)", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)   # main() called in-process
+
+
+def _ended(args: argparse.Namespace, line: str, status: int) -> int:
+    """One line on stderr and the exit status the README gives; with -v the traceback first, status unchanged (a
+    job's script or Slurm reads the status, whoever asked for the traceback)."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"attention-map: {line}", file=sys.stderr)
+    return status
 
 
 def _refused(error: ConfigError, log: logging.Logger) -> int:

@@ -190,6 +190,31 @@ def test_a_path_the_file_system_refuses_is_one_line_naming_it(tmp_path):
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "FileExistsError" in verbose.stderr
 
 
+@pytest.mark.parametrize("signum, status, line",
+                         [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_verbose_adds_the_traceback_and_keeps_the_exit_status(monkeypatch, capsys, signum, status, line):
+    """-v shows where the run was; the status stays the README's, which a job's script and Slurm read."""
+    import os
+    import signal
+    import time
+
+    from attention_map import cli as command_line
+
+    def stopped_from_outside(args, log):
+        os.kill(os.getpid(), getattr(signal, signum))
+        time.sleep(30)                  # the signal's handler raises here
+
+    monkeypatch.setattr(command_line, "_command", stopped_from_outside)
+    try:
+        got = command_line.main(["-v", "default-conf"])
+    except KeyboardInterrupt:       # left to escape, it would stop pytest's session, not fail this test
+        pytest.fail(f"{signum} with -v escaped main() instead of ending with status {status}")
+    assert got == status
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "stopped_from_outside" in err, err
+    assert err.splitlines()[-1].startswith(f"attention-map: {line}; what was finished is kept"), err
+
+
 def test_fetch_model_writes_a_self_contained_folder(tmp_path, biomedclip_model):
     """fetch-model against a stand-in hub laid out like BiomedCLIP's two repositories."""
     import json
