@@ -352,8 +352,9 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
     if summary.skipped:
         log.info("resuming: %d heatmaps already done are skipped, %d to make", summary.skipped, total - summary.skipped)
     if progress.other_settings:
-        log.warning("%d heatmaps in %s were made with other settings and are made again",
-                    progress.other_settings, settings.OUTPUT_DIR)
+        changed = shards.changed_settings(settings.OUTPUT_DIR, settings)
+        log.warning("%d heatmaps in %s were made with other settings and are made again%s", progress.other_settings,
+                    settings.OUTPUT_DIR, f": {'; '.join(changed)}" if changed else "")
 
     check_compiler(settings, device)
     model = load_model(settings.MODEL, device, settings.OFFLINE, settings.MODEL_WEIGHTS, settings.TARGET_NAMES,

@@ -121,15 +121,26 @@ def recorded_shard_count(output_dir: Path) -> int | None:
 
 def read_run_config(output_dir: Path) -> dict[str, str]:
     path = output_dir / outputs.RUN_CONFIG
-    if not path.is_file():
-        return {}
+    return _conf_values(path.read_text()) if path.is_file() else {}
+
+
+def _conf_values(text: str) -> dict[str, str]:
+    """KEY -> value of a text that Settings.to_conf wrote."""
     values = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         name, sep, value = line.partition("=")
         if sep:
             parts = shlex.split(value)
             values[name] = parts[0] if parts else ""
     return values
+
+
+def changed_settings(output_dir: Path, settings: Settings) -> list[str]:
+    """'KEY was A, now B' for each setting of the fingerprint that OUTPUT_DIR/run_config.conf, the last run's, records
+    otherwise: why that run's heatmaps are made again (a model folder written another way is one reason)."""
+    before, now = read_run_config(output_dir), _conf_values(settings.to_conf())
+    return [f"{name} was {before[name] or '(empty)'}, now {now[name] or '(empty)'}" for name in now
+            if name not in _NOT_IN_FINGERPRINT and name in before and before[name] != now[name]]
 
 
 def resolve_shard(settings: Settings, environ: dict[str, str]) -> Shard:

@@ -334,6 +334,7 @@ def test_rerun_skips_finished_heatmaps_and_overwrite_or_new_settings_redo_them(t
     changed = cli(*args, "COLORMAP=hot")
     assert "6 heatmaps written, 0 failed, 0 already done" in changed.stdout
     assert "6 heatmaps in" in changed.stderr and "made with other settings" in changed.stderr
+    assert "are made again: COLORMAP was jet, now hot\n" in changed.stderr      # what changed, from run_config.conf
     refused = cli(*args, "RESUME=false")
     assert refused.returncode == 2 and "holds an earlier run and RESUME=false" in refused.stderr
 
