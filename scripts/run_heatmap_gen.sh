@@ -85,6 +85,10 @@ if [ "${CUDA_VISIBLE_DEVICES:-}" != "" ] && [ "${CUDA_VISIBLE_DEVICES}" != "-1" 
 elif [ -z "${CUDA_VISIBLE_DEVICES+set}" ] && command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
     gpu_visible=true
 fi
+# The job's GPUs as the engine numbers them: Docker's and Podman's see every GPU of the host, and where Slurm
+# confines a job's devices (ConstrainDevices) its CUDA_VISIBLE_DEVICES counts from 0 within the job, which there
+# names another job's GPU; SLURM_JOB_GPUS holds the host's numbers. Apptainer's container shares the job's view.
+host_gpus="${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}"
 case "$container" in
 docker | podman)
     options=(--rm --workdir "$PWD" --env "HF_HOME=$hf_home" --env HOME=/tmp)
@@ -95,15 +99,18 @@ docker | podman)
     if [ "$container" = docker ]; then
         options+=(--user "$(id -u):$(id -g)")
         # the GPUs this job was given (numbered from 0 inside), or all of them
-        if [ "$gpu_visible" = true ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-            options+=(--gpus "\"device=$CUDA_VISIBLE_DEVICES\"")
+        if [ "$gpu_visible" = true ] && [ -n "$host_gpus" ]; then
+            options+=(--gpus "\"device=$host_gpus\"")
         elif [ "$gpu_visible" = true ]; then
             options+=(--gpus all)
         fi
     else
         # rootless podman: keep-id maps the user to itself, so outputs are the user's
         if [ "$(id -u)" = 0 ]; then options+=(--user 0:0); else options+=(--userns keep-id); fi
-        [ "$gpu_visible" = true ] && options+=(--device "nvidia.com/gpu=${CUDA_VISIBLE_DEVICES:-all}")
+        if [ "$gpu_visible" = true ]; then     # one CDI device per GPU: nvidia.com/gpu=0,1 names none
+            IFS=, read -ra gpus <<< "${host_gpus:-all}"
+            for gpu in "${gpus[@]}"; do options+=(--device "nvidia.com/gpu=$gpu"); done
+        fi
     fi
     run "$container" run "${options[@]}" "$image" "$@"
     ;;
@@ -114,6 +121,8 @@ apptainer)
     done
     [ "$offline" = true ] && options+=(--net --network none --env HF_HUB_OFFLINE=1)
     [ "$gpu_visible" = true ] && options+=(--nv)
+    # --nv binds every GPU of the host and --cleanenv drops the job's CUDA_VISIBLE_DEVICES, which picks its own
+    [ -n "${CUDA_VISIBLE_DEVICES+set}" ] && options+=(--env "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
     run apptainer exec "${options[@]}" "$image" python -m attention_map "$@"
     ;;
 *)

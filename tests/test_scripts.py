@@ -44,14 +44,17 @@ def _command(tmp_path, container, env=None, *overrides):
                     f'CONTAINER_IMAGE=/images/attention-map.sif\nHF_HOME="{tmp_path}/hf"\n')
     result = subprocess.run(["bash", "scripts/run_heatmap_gen.sh", str(conf), "run", "--config", str(conf),
                              *overrides], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "DRY_RUN": "true", **(env or {})})
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+                                 "DRY_RUN": "true", **(env or {})})
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
 
 def test_apptainer_gets_binds_gpus_and_no_network(tmp_path):
-    words = _command(tmp_path, "apptainer", {"CUDA_VISIBLE_DEVICES": "0"})
+    words = _command(tmp_path, "apptainer", {"CUDA_VISIBLE_DEVICES": "1", "SLURM_JOB_GPUS": "3"})
     assert words[:2] == ["apptainer", "exec"] and "--nv" in words and "--cleanenv" in words
+    # the container sees the job's devices as the job does: its CUDA_VISIBLE_DEVICES, which --cleanenv would drop
+    assert "CUDA_VISIBLE_DEVICES=1" in [words[i + 1] for i, w in enumerate(words) if w == "--env"]
     binds = {words[i + 1] for i, w in enumerate(words) if w == "--bind"}
     assert f"{tmp_path}/films:{tmp_path}/films:ro" in binds and f"{tmp_path}/model:{tmp_path}/model:ro" in binds
     assert f"{tmp_path}/out:{tmp_path}/out:rw" in binds and f"{tmp_path}/hf:{tmp_path}/hf:ro" in binds
@@ -68,6 +71,13 @@ def test_docker_and_podman_get_the_gpus_slurm_gave_and_the_user(tmp_path):
     assert "--gpus" not in no_gpu and "--network" in no_gpu
     podman = _command(tmp_path, "podman", {"CUDA_VISIBLE_DEVICES": "1"})
     assert podman[:2] == ["podman", "run"] and podman[podman.index("--device") + 1] == "nvidia.com/gpu=1"
+    # in a Slurm job whose devices are confined, CUDA_VISIBLE_DEVICES counts from 0 within the job; the engine
+    # numbers the host's GPUs, as SLURM_JOB_GPUS does
+    slurm = {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_GPUS": "5,7"}
+    docker = _command(tmp_path, "docker", slurm)
+    assert docker[docker.index("--gpus") + 1] == r"\"device=5\,7\""
+    podman = _command(tmp_path, "podman", slurm)
+    assert [podman[i + 1] for i, w in enumerate(podman) if w == "--device"] == ["nvidia.com/gpu=5", "nvidia.com/gpu=7"]
 
 
 def test_command_line_overrides_reach_the_container_wrapper(tmp_path):
