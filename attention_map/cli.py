@@ -208,8 +208,8 @@ def _ended(args: argparse.Namespace, line: str, status: int) -> int:
 
 def _refused(error: ConfigError, log: logging.Logger) -> int:
     """The settings' problems, one line each, after what the log would have said of them."""
-    for note in error.notes:
-        log.info(note)
+    for level, note in error.notes:
+        log.log(level, note)
     for problem in error.problems:
         print(f"attention-map: {problem}", file=sys.stderr)
     return EXIT_CONFIG
@@ -362,8 +362,8 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
         settings, notes = load_settings(args.config, parse_overrides(args.overrides))
     except ConfigError as error:
         return _refused(error, log)
-    for note in notes:
-        log.info(note)
+    for level, note in notes:
+        log.log(level, note)
     try:
         summary = run(settings)
     except ConfigError as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import shlex
@@ -49,10 +50,10 @@ def model_kind(model: str) -> str:
 
 class ConfigError(ValueError):
     """One or more settings are wrong; each line names the file, the key and what is wrong. `notes`: what the log
-    would have said of the settings (a value from the environment, a variable expanded to nothing), which may explain
-    a problem."""
+    would have said of the settings, as (logging level, line) (a value from the environment, a variable expanded to
+    nothing), which may explain a problem."""
 
-    def __init__(self, problems: list[str], notes: list[str] = ()):
+    def __init__(self, problems: list[str], notes: list[tuple[int, str]] = ()):
         self.problems, self.notes = problems, list(notes)
         super().__init__("\n".join(problems))
 
@@ -264,8 +265,8 @@ def _format(value) -> str:
 
 
 def source_conf(path: Path) -> tuple[dict[str, str], set[str], list[str]]:
-    """Source `path` with bash; return (every variable set afterwards, names the file itself set or changed, bash's
-    warnings)."""
+    """Source `path` with bash; return (every variable set afterwards, names the file itself set or changed, warnings:
+    bash's, and the variables it expanded unset)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
@@ -421,8 +422,11 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
-def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = None) -> tuple[Settings, list[str]]:
-    """Read `conf` (if any) and apply `overrides`; return the validated Settings and notes for the log.
+def load_settings(conf: Path | None = None,
+                  overrides: dict[str, str] | None = None) -> tuple[Settings, list[tuple[int, str]]]:
+    """Read `conf` (if any) and apply `overrides`; return the validated Settings and notes for the log, as (logging
+    level, line): warnings for what is likely a mistake (bash's warnings, a variable expanded unset, a key in lower
+    case), the rest information.
 
     Raises ConfigError listing every problem, one line each, before anything is loaded or written.
     """
@@ -431,18 +435,18 @@ def load_settings(conf: Path | None = None, overrides: dict[str, str] | None = N
     problems, notes = [], []
     if conf is not None:
         values, set_by_file, warnings = source_conf(conf)
-        notes += warnings
+        notes += [(logging.WARNING, warning) for warning in warnings]
         for name in sorted(set_by_file):
             if name[0].isupper() and name not in KEYS and not _is_environment_name(name):
                 problems.append(_unknown_key_message(name, str(conf)))
             elif name.upper() in KEYS and name.upper() not in set_by_file:     # a helper, or a key in lower case?
-                notes.append(f"{conf}: {name} is lower case, so a helper variable of the file, not the key "
-                             f"{name.upper()}")
+                notes.append((logging.WARNING, f"{conf}: {name} is lower case, so a helper variable of the file, "
+                                               f"not the key {name.upper()}"))
         for name in KEYS:
             if name in values:
                 raw[name] = (values[name], str(conf))
                 if name not in set_by_file:
-                    notes.append(f"{name} taken from the environment")
+                    notes.append((logging.INFO, f"{name} taken from the environment"))
     for name, value in overrides.items():
         if name not in KEYS:
             problems.append(_unknown_key_message(name, "command line"))

@@ -133,8 +133,8 @@ def test_a_run_refused_for_its_settings_says_which_variable_expanded_to_nothing(
     result = cli("run", "--config", conf)
     assert result.returncode == 2
     said = result.stderr.splitlines()
-    assert said[-2].endswith(f"INFO {conf}: line 1: $AM_TEST_DATA_ROOT is not set, so it expands to nothing (set it, "
-                             "or write ${AM_TEST_DATA_ROOT:-default})"), said
+    assert said[-2].endswith(f"WARNING {conf}: line 1: $AM_TEST_DATA_ROOT is not set, so it expands to nothing (set "
+                             "it, or write ${AM_TEST_DATA_ROOT:-default})"), said
     assert said[-1] == f"attention-map: {conf}: DATA_FILE=/records.jsonl does not exist or is not a file", said
 
 

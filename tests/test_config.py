@@ -1,3 +1,4 @@
+import logging
 import re
 from pathlib import Path
 
@@ -43,8 +44,17 @@ def test_a_key_written_in_lower_case_in_a_file_is_a_helper_and_the_log_says_so(t
     settings, notes = load_settings(conf)
     assert settings.TOPK == 300 and settings.OUTPUT_DIR == Path("out/maps")
     # the file sets OUTPUT_DIR itself, so its output_dir is plainly a helper
-    assert notes == [f"{conf}: results_root is lower case, so a helper variable of the file, not the key RESULTS_ROOT",
-                     f"{conf}: topk is lower case, so a helper variable of the file, not the key TOPK"]
+    assert notes == [(logging.WARNING, f"{conf}: {name} is lower case, so a helper variable of the file, not the key "
+                                       f"{name.upper()}") for name in ("results_root", "topk")]
+
+
+def test_a_key_from_the_environment_is_information_and_a_likely_mistake_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK", "7")
+    conf = _conf(tmp_path, f'DATA_FILE="{tmp_path}/records.jsonl"\nalpha=0.2\n')
+    settings, notes = load_settings(conf)
+    assert settings.TOPK == 7 and settings.ALPHA == 0.5
+    assert notes == [(logging.WARNING, f"{conf}: alpha is lower case, so a helper variable of the file, not the key "
+                                       "ALPHA"), (logging.INFO, "TOPK taken from the environment")]
 
 
 def test_a_variable_the_file_expands_that_no_one_set_is_named_with_its_line(tmp_path, monkeypatch):
@@ -60,8 +70,9 @@ def test_a_variable_the_file_expands_that_no_one_set_is_named_with_its_line(tmp_
                            'both=$AM_TEST_SET$AM_TEST_UNSET\n')
     settings, notes = load_settings(conf)
     assert settings.OUTPUT_DIR == Path("results")
-    assert notes == [f"{conf}: line {number}: ${name} is not set, so it expands to nothing (set it, or write "
-                     f"${{{name}:-default}})" for number, name in [(2, "AM_TEST_EXPERIMENT"), (6, "AM_TEST_UNSET")]]
+    assert notes == [(logging.WARNING, f"{conf}: line {number}: ${name} is not set, so it expands to nothing (set it, "
+                                       f"or write ${{{name}:-default}})")
+                     for number, name in [(2, "AM_TEST_EXPERIMENT"), (6, "AM_TEST_UNSET")]]
 
 
 def test_cam_method_of_older_files_points_to_cam_version_whose_values_take_any_case(tmp_path):
@@ -132,8 +143,8 @@ def test_what_bash_goes_on_after_stops_the_run_one_line_each(tmp_path):
     conf.write_text(f'DATA_FILE="{tmp_path}/records.jsonl"\nexport LC_ALL=xx_YY.UTF-8\nTOPK=8\n')
     settings, notes = load_settings(conf)
     assert settings.TOPK == 8
-    assert notes == [f"{conf}: line 2: warning: setlocale: LC_ALL: cannot change locale (xx_YY.UTF-8): No such file or "
-                     "directory"]
+    assert notes == [(logging.WARNING, f"{conf}: line 2: warning: setlocale: LC_ALL: cannot change locale "
+                                       "(xx_YY.UTF-8): No such file or directory")]
 
 
 def test_a_file_with_windows_line_endings_runs_or_says_why_not(tmp_path):
