@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import outputs, shards
 from .cams import CAM_METHODS
@@ -32,7 +31,7 @@ from .heatmaps import StageError
 from .images import NOT_FOUND, ImageError, read_film
 from .models import ModelLoadError, load_model
 from .plan import Job, Made, Source, manifest_row, plan_jobs
-from .timing import StageTimes
+from .timing import StageTimes, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +400,7 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
             method.times = times
     pool = _post_pool(workers)
     pending: deque = deque()   # (film, jobs, future of heatmaps.finish), in input order
-    bar = tqdm(total=len(todo), unit="img", desc="heatmaps", dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), unit="img", desc="heatmaps")
 
     def failed(image_path: str, jobs: list[Job], error: StageError) -> None:
         for done in error.written:
@@ -431,8 +430,8 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
             except BrokenProcessPool:   # a worker was killed (out of memory?) or crashed: its films fail, not the run
                 failed(image_path, jobs, StageError("post", "the post-processing worker process died (killed, out of "
                                                             "memory?); a rerun with RESUME=true makes this film"))
+            bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures, refresh=False)   # drawn by update
             bar.update(1)
-            bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures)
 
     def post_process(source: Source, film, jobs: list[Job], grid_maps: list, made: list[Made]) -> None:
         nonlocal pool

@@ -7,6 +7,7 @@ is the point of the workers.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -44,4 +45,28 @@ class StageTimes:
 
 def progress(items, what: str, unit: str = "map"):
     """`items` with a progress bar on stderr, gone when done: scoring or showing a large run's maps takes minutes."""
-    return tqdm(items, desc=what, unit=unit, dynamic_ncols=True, leave=False)
+    return progress_bar(iterable=items, desc=what, unit=unit, leave=False)
+
+
+def progress_bar(**options) -> tqdm:
+    """A tqdm bar on stderr. In a terminal it redraws in place; in a file (a Slurm job's log) each redraw is a line of
+    its own, one a minute at most: tqdm's redraws, up to ten a second joined by carriage returns, made one line of
+    about 100 bytes per film, which `grep` and `less` show as a wall of text."""
+    if sys.stderr.isatty():
+        return tqdm(dynamic_ncols=True, **options)
+    return tqdm(file=_Lines(sys.stderr), mininterval=60, ascii=True, ncols=100, **options)
+
+
+class _Lines:
+    """A stream for tqdm that ends each redraw with a line break instead of starting it with a carriage return."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
