@@ -400,7 +400,6 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
             method.times = times
     pool = _post_pool(workers)
     pending: deque = deque()   # (film, jobs, future of heatmaps.finish), in input order
-    bar = progress_bar(total=len(todo), unit="img", desc="heatmaps")
 
     def failed(image_path: str, jobs: list[Job], error: StageError) -> None:
         for done in error.written:
@@ -460,26 +459,27 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
     batch_of = {source: number // films_per_batch for number, source in enumerate(mine)}
     ends_a_batch = [i + 1 == len(sources) or batch_of[sources[i + 1]] != batch_of[source]
                     for i, source in enumerate(sources)]
-    try:
-        for position, film, load_error, seconds in _films(settings, sources, workers):
-            times.add("decode", seconds)
-            source = sources[position]
-            if load_error is not None:
-                failed(str(source), todo[source], StageError.of("load", load_error))
-                bar.update(1)
-            else:
-                jobs = [dataclasses.replace(job, frame=film.frame) for job in todo[source]]   # first/middle, resolved
-                batch.append((source, film, jobs))
-            if ends_a_batch[position] and batch and not summary.stopped:
-                explain(batch)
-            if summary.stopped:
-                break
-        collect(wait_all=True)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        progress.close([job.overlay for jobs in mine.values() for job in jobs])
+    with progress_bar(total=len(todo), unit="img", desc="heatmaps") as bar:
+        try:
+            for position, film, load_error, seconds in _films(settings, sources, workers):
+                times.add("decode", seconds)
+                source = sources[position]
+                if load_error is not None:
+                    failed(str(source), todo[source], StageError.of("load", load_error))
+                    bar.update(1)
+                else:
+                    # a clip's frame (first/middle) resolved
+                    jobs = [dataclasses.replace(job, frame=film.frame) for job in todo[source]]
+                    batch.append((source, film, jobs))
+                if ends_a_batch[position] and batch and not summary.stopped:
+                    explain(batch)
+                if summary.stopped:
+                    break
+            collect(wait_all=True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            progress.close([job.overlay for jobs in mine.values() for job in jobs])
     summary.stage_seconds = times.ordered()
     if summary.errors and not summary.heatmaps and all(reason.startswith(NOT_FOUND)
                                                         for *_, reason in summary.errors):

@@ -11,8 +11,10 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 STAGES = ("decode", "gradient pass", "compile", "masked forwards", "body mask", "crf", "render", "png write")
 
@@ -45,13 +47,20 @@ class StageTimes:
 
 def progress(items, what: str, unit: str = "map"):
     """`items` with a progress bar on stderr, gone when done: scoring or showing a large run's maps takes minutes."""
-    return progress_bar(iterable=items, desc=what, unit=unit, leave=False)
+    return _bar(iterable=items, desc=what, unit=unit, leave=False)
 
 
-def progress_bar(**options) -> tqdm:
-    """A tqdm bar on stderr. In a terminal it redraws in place; in a file (a Slurm job's log) each redraw is a line of
-    its own, one a minute at most: tqdm's redraws, up to ten a second joined by carriage returns, made one line of
-    about 100 bytes per film, which `grep` and `less` show as a wall of text."""
+@contextlib.contextmanager
+def progress_bar(**options) -> Iterator[tqdm]:
+    """A tqdm bar on stderr while the block runs. In a terminal the log's lines go above the bar, not into it."""
+    with _bar(**options) as bar, (logging_redirect_tqdm() if sys.stderr.isatty() else contextlib.nullcontext()):
+        yield bar
+
+
+def _bar(**options) -> tqdm:
+    """In a terminal, a bar that redraws in place; in a file (a Slurm job's log) each redraw is a line of its own, one
+    a minute at most: tqdm's redraws, up to ten a second joined by carriage returns, made one line of about 100 bytes
+    per film, which `grep` and `less` show as a wall of text."""
     if sys.stderr.isatty():
         return tqdm(dynamic_ncols=True, **options)
     return tqdm(file=_Lines(sys.stderr), mininterval=60, ascii=True, ncols=100, **options)
