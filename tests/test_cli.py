@@ -215,6 +215,34 @@ def test_verbose_adds_the_traceback_and_keeps_the_exit_status(monkeypatch, capsy
     assert err.splitlines()[-1].startswith(f"attention-map: {line}; what was finished is kept"), err
 
 
+def test_in_a_terminal_the_log_goes_above_the_progress_bar(tmp_path, tiny_model):
+    """A film that fails while the bar is drawn: its ERROR line is a line of its own, not appended to the bar's."""
+    import fcntl
+    import struct
+    import termios
+
+    from attention_map.synthetic import write_demo_data
+
+    records = write_demo_data(tmp_path / "data", count=3, size=96)
+    (tmp_path / "data" / "films" / "synthetic_001.png").unlink()
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))     # 40 rows, 120 columns
+    run = subprocess.Popen([sys.executable, "-m", "attention_map", "run", f"DATA_FILE={records}",
+                            f"MODEL={tiny_model}", f"OUTPUT_DIR={tmp_path / 'out'}"], cwd=REPO, stdin=subprocess.DEVNULL,
+                           stdout=follower, stderr=follower)
+    os.close(follower)
+    said = b""
+    with contextlib.suppress(OSError):      # EIO once the run has closed the terminal
+        while chunk := os.read(leader, 65536):
+            said += chunk
+    os.close(leader)
+    assert run.wait(timeout=300) == 3, said
+    pieces = re.split(r"[\r\n]", said.decode())     # what a terminal shows on one line, at one time
+    assert any(piece.startswith("heatmaps:") for piece in pieces), said
+    assert any("ERROR" in piece and "synthetic_001.png" in piece for piece in pieces), said
+    assert not [piece for piece in pieces if "heatmaps:" in piece and "ERROR" in piece], said
+
+
 def test_fetch_model_writes_a_self_contained_folder(tmp_path, biomedclip_model):
     """fetch-model against a stand-in hub laid out like BiomedCLIP's two repositories."""
     import json
