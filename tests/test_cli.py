@@ -228,8 +228,8 @@ def test_in_a_terminal_the_log_goes_above_the_progress_bar(tmp_path, tiny_model)
     leader, follower = os.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))     # 40 rows, 120 columns
     run = subprocess.Popen([sys.executable, "-m", "attention_map", "run", f"DATA_FILE={records}",
-                            f"MODEL={tiny_model}", f"OUTPUT_DIR={tmp_path / 'out'}"], cwd=REPO, stdin=subprocess.DEVNULL,
-                           stdout=follower, stderr=follower)
+                            f"MODEL={tiny_model}", f"OUTPUT_DIR={tmp_path / 'out'}"], cwd=REPO,
+                           stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
     os.close(follower)
     said = b""
     with contextlib.suppress(OSError):      # EIO once the run has closed the terminal
