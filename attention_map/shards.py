@@ -120,17 +120,28 @@ def recorded_shard_count(output_dir: Path) -> int | None:
 
 
 def read_run_config(output_dir: Path) -> dict[str, str]:
+    """KEY -> value of OUTPUT_DIR/run_config.conf ({} where there is none); DamagedFileError naming the line where
+    it is not what a run writes (an edit, a disk's error)."""
     path = output_dir / outputs.RUN_CONFIG
-    return _conf_values(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return _conf_values(path.read_text())
+    except ValueError as error:     # not UTF-8, a quote left open
+        raise outputs.DamagedFileError(f"{path}: {error}: the file is damaged; delete it (a run writes it anew; give "
+                                       f"an array's resubmitted task SHARD_COUNT)") from None
 
 
 def _conf_values(text: str) -> dict[str, str]:
     """KEY -> value of a text that Settings.to_conf wrote."""
     values = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         name, sep, value = line.partition("=")
         if sep:
-            parts = shlex.split(value)
+            try:
+                parts = shlex.split(value)
+            except ValueError as error:
+                raise ValueError(f"line {number}: {error}") from None
             values[name] = parts[0] if parts else ""
     return values
 
@@ -138,7 +149,11 @@ def _conf_values(text: str) -> dict[str, str]:
 def changed_settings(output_dir: Path, settings: Settings) -> list[str]:
     """'KEY was A, now B' for each setting of the fingerprint that OUTPUT_DIR/run_config.conf, the last run's, records
     otherwise: why that run's heatmaps are made again (a model folder written another way is one reason)."""
-    before, now = read_run_config(output_dir), _conf_values(settings.to_conf())
+    try:
+        before = read_run_config(output_dir)
+    except outputs.DamagedFileError:    # the reasons are a courtesy; this run writes the file anew
+        return []
+    now = _conf_values(settings.to_conf())
     return [f"{name} was {before[name] or '(empty)'}, now {now[name] or '(empty)'}" for name in now
             if name not in _NOT_IN_FINGERPRINT and name in before and before[name] != now[name]]
 

@@ -113,6 +113,22 @@ def test_shard_comes_from_the_slurm_array_and_keeps_the_first_split(tmp_path):
     assert films == [3, 11, 19]
 
 
+def test_a_damaged_run_config_is_named_and_costs_a_rerun_only_the_reasons_of_a_redo(tmp_path):
+    from attention_map.config import Settings
+
+    settings = Settings(OUTPUT_DIR=tmp_path)
+    (tmp_path / outputs.RUN_CONFIG).write_text('SHARD_COUNT=8\nMODEL="models/a quote left open\n')
+    with pytest.raises(outputs.DamagedFileError, match=r"run_config.conf: line 2: No closing quotation: the file is "
+                                                       r"damaged; delete it"):
+        shards.resolve_shard(settings, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MAX": "3"})
+    assert shards.changed_settings(tmp_path, settings) == []
+    (tmp_path / outputs.RUN_CONFIG).write_bytes(b"\xff\xfeSHARD_COUNT=8\n")
+    with pytest.raises(outputs.DamagedFileError, match="can't decode byte 0xff in position 0"):
+        shards.read_run_config(tmp_path)
+    (tmp_path / outputs.RUN_CONFIG).write_text(Settings(OUTPUT_DIR=tmp_path, COLORMAP="hot").to_conf())
+    assert shards.changed_settings(tmp_path, settings) == ["COLORMAP was hot, now jet"]
+
+
 @pytest.mark.parametrize("shape, dtype", [((37, 53, 3), np.uint8), ((64, 41), np.uint8), ((29, 70), np.uint16),
                                           ((1, 1), np.uint16), ((1, 5, 3), np.uint8)])
 def test_written_pngs_decode_to_the_same_pixels_in_two_independent_readers(tmp_path, shape, dtype):
