@@ -198,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ended(args: argparse.Namespace, line: str, status: int) -> int:
-    """One line on stderr and the exit status the README gives; with -v the traceback first, status unchanged (a
-    job's script or Slurm reads the status, whoever asked for the traceback)."""
-    if args.verbose:
-        traceback.print_exc()
+    """One line on stderr and the exit status the README gives; with -v the traceback first, causes included, status
+    unchanged (a job's script or Slurm reads the status, whoever asked for the traceback)."""
+    error = sys.exc_info()[1]
+    if args.verbose and error is not None:
+        error.__suppress_context__ = False      # the cause that `raise ... from None` keeps off the one line
+        traceback.print_exception(error)
     print(f"attention-map: {line}", file=sys.stderr)
     return status
 
@@ -242,8 +244,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
                                  train_toy_model)
 
         if args.device == "cuda" and not torch.cuda.is_available():
-            print("attention-map: --device cuda but no CUDA device is visible", file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, "--device cuda but no CUDA device is visible", EXIT_CONFIG)
         steps = STEPS if args.steps is None else args.steps
         seed = SEED if args.seed is None else args.seed
         films = FILMS if args.films is None else args.films
@@ -253,8 +254,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
         try:
             folder = train_toy_model(args.folder, steps, seed, films, device=args.device)
         except TooFewFilms as error:
-            print(f"attention-map: --films: {error}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, f"--films: {error}", EXIT_CONFIG)
         log.info("wrote the toy model to %s (use MODEL=%s)", folder, folder)
         if (steps, seed, films, args.device) == (STEPS, SEED, FILMS, "cpu"):
             _say_whether_shipped(folder, SHIPPED)
@@ -294,17 +294,15 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
             more = ", " + pages[1].name if len(pages) == 2 else f", index-2.html to {pages[-1].name}"
             log.info("wrote %s%s", pages[0], more if len(pages) > 1 else "")
         except FileNotFoundError as error:
-            print(f"attention-map: {error}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, str(error), EXIT_CONFIG)
         return 0
     if args.command == "evaluate":
         from .agreement import agreement
         from .evaluate import EvaluationError, evaluate
 
         if args.truth is None and args.truth_maps is None:
-            print("attention-map: evaluate needs --truth (expert boxes), --truth-maps (clinicians' attention) or both",
-                  file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, "evaluate needs --truth (expert boxes), --truth-maps (clinicians' attention) or both",
+                          EXIT_CONFIG)
         try:
             if args.truth is not None:
                 result = evaluate(args.output_dir, args.truth, args.top_percent)
@@ -315,8 +313,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
                 print(agreed.markdown() + f"\nWritten: agreement.csv, agreement.json, agreement.md in "
                       f"{args.output_dir}")
         except EvaluationError as error:
-            print(f"attention-map: {error}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, str(error), EXIT_CONFIG)
         return 0
     if args.command == "robustness":
         from .evaluate import EvaluationError
@@ -325,8 +322,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
         try:
             summary = robustness(args.output_dir, args.compare, args.top_percent, records=args.records)
         except (EvaluationError, FileNotFoundError) as error:
-            print(f"attention-map: {error}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, str(error), EXIT_CONFIG)
         print(markdown(summary) + f"\nWritten: robustness.csv, robustness.json, robustness.md in {args.output_dir}")
         return 0
     if args.command == "merge":
@@ -337,8 +333,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
             args.overrides.insert(0, str(args.output_dir))   # `merge --config CONF KEY=VALUE ...`
             args.output_dir = None
         if args.output_dir is None and args.config is None:
-            print("attention-map: merge needs OUTPUT_DIR or --config CONF", file=sys.stderr)
-            return EXIT_CONFIG
+            return _ended(args, "merge needs OUTPUT_DIR or --config CONF", EXIT_CONFIG)
         if args.output_dir is None:
             try:
                 args.output_dir = load_settings(args.config, parse_overrides(args.overrides))[0].OUTPUT_DIR
@@ -347,8 +342,7 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
         try:
             merged = merge(args.output_dir)
         except IncompleteError as error:
-            print(f"attention-map: {error}", file=sys.stderr)
-            return EXIT_SHARDS_MISSING
+            return _ended(args, str(error), EXIT_SHARDS_MISSING)
         failed = f"{len(merged.errors)} failed (see {args.output_dir / 'errors.csv'})" if merged.errors else "0 failed"
         print(f"Merged {merged.shards} shards: {merged.heatmaps} heatmaps in {args.output_dir / 'vqa_manifest.csv'}, "
               f"{failed}.")
@@ -369,7 +363,6 @@ def _command(args: argparse.Namespace, log: logging.Logger) -> int:
     except ConfigError as error:
         return _refused(error, log)
     except (DataFileError, ModelLoadError) as error:
-        print(f"attention-map: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _ended(args, str(error), EXIT_CONFIG)
     print(summary.text())
     return summary.exit_status

@@ -144,7 +144,10 @@ class StageError(Exception):
         torch = sys.modules.get("torch")   # only a process that loaded torch can raise its out-of-memory error
         if torch is not None and isinstance(error, torch.cuda.OutOfMemoryError):
             reason = "CUDA out of memory at BATCH_SIZE=1"
-        return cls(stage, reason)
+        failure = cls(stage, reason)
+        failure.__cause__ = error       # what `-v` shows below the film's ERROR line, with the error's own cause
+        error.__suppress_context__ = False
+        return failure
 
 
 @contextlib.contextmanager

@@ -409,7 +409,8 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
             if job.order not in made:
                 record = job.prompt.record
                 summary.errors.append((str(record.line), record.image_path, error.stage, str(error)))
-        log.error("%s: %s failed: %s", image_path, error.stage, error)
+        log.error("%s: %s failed: %s", image_path, error.stage, error,
+                  exc_info=error if log.isEnabledFor(logging.DEBUG) else None)     # -v: the traceback
         if settings.FAIL_FAST and not summary.stopped:
             summary.stopped = f"{image_path}: {error.stage}: {error}"
 
@@ -429,8 +430,12 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
             except BrokenProcessPool:   # a worker was killed (out of memory?) or crashed: its films fail, not the run
                 failed(image_path, jobs, StageError("post", "the post-processing worker process died (killed, out of "
                                                             "memory?); a rerun with RESUME=true makes this film"))
-            bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures, refresh=False)   # drawn by update
-            bar.update(1)
+            advance()
+
+    def advance() -> None:
+        """One film more on the bar, with the counts so far (a film failed on loading or in the CAM included)."""
+        bar.set_postfix(heatmaps=summary.heatmaps, failed=summary.failures, refresh=False)   # drawn by update
+        bar.update(1)
 
     def post_process(source: Source, film, jobs: list[Job], grid_maps: list, made: list[Made]) -> None:
         nonlocal pool
@@ -449,7 +454,7 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
         for (source, film, jobs), result in zip(batch, results):
             if isinstance(result, StageError):
                 failed(str(source), jobs, result)
-                bar.update(1)
+                advance()
             else:
                 post_process(source, film, *result)   # the film's jobs, one per map (a detection's have their own)
         batch.clear()
@@ -466,7 +471,7 @@ def _run(settings: Settings, environ: dict[str, str] | None, hold: contextlib.Ex
                 source = sources[position]
                 if load_error is not None:
                     failed(str(source), todo[source], StageError.of("load", load_error))
-                    bar.update(1)
+                    advance()
                 else:
                     # a clip's frame (first/middle) resolved
                     jobs = [dataclasses.replace(job, frame=film.frame) for job in todo[source]]

@@ -215,6 +215,24 @@ def test_verbose_adds_the_traceback_and_keeps_the_exit_status(monkeypatch, capsy
     assert err.splitlines()[-1].startswith(f"attention-map: {line}; what was finished is kept"), err
 
 
+def test_verbose_shows_the_cause_that_a_refusals_one_line_sums_up(tmp_path):
+    """A weights file that cannot be read stops the run in one line; -v puts the traceback before it, down to
+    torch.load's own error, and keeps the line and the status."""
+    from attention_map.synthetic import write_demo_data
+
+    records = write_demo_data(tmp_path / "data", count=1, size=96)
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    args = ("run", f"DATA_FILE={records}", "MODEL=timm:resnet10t", f"MODEL_WEIGHTS={tmp_path / 'notes.pt'}",
+            f"OUTPUT_DIR={tmp_path / 'out'}")
+    plain, verbose = cli(*args), cli("-v", *args)
+    assert plain.returncode == verbose.returncode == 2, (plain.stderr, verbose.stderr)
+    line = plain.stderr.splitlines()[-1]
+    assert line.startswith(f"attention-map: MODEL_WEIGHTS={tmp_path / 'notes.pt'}: ")
+    assert "Traceback" not in plain.stderr
+    assert verbose.stderr.splitlines()[-1] == line
+    assert "Traceback" in verbose.stderr and f"torch{os.sep}serialization.py" in verbose.stderr, verbose.stderr
+
+
 def test_in_a_terminal_the_log_goes_above_the_progress_bar(tmp_path, tiny_model):
     """A film that fails while the bar is drawn: its ERROR line is a line of its own, not appended to the bar's."""
     import fcntl
@@ -299,6 +317,15 @@ def test_a_bad_image_or_record_costs_only_itself(tmp_path, tiny_model):
     assert errors.keys() == {("3", "load"), ("4", "load"), ("5", "record:image_path"), ("6", "record:json")}
     # the column of the record cut short, on its own line, and that the line ends there
     assert errors["6", "record:json"] == "not valid JSON (Expecting value at column 16, where the line ends)"
+    bar = [line for line in result.stderr.splitlines() if line.startswith("heatmaps: 100%")]
+    assert bar and bar[-1].endswith("failed=4, heatmaps=2]"), result.stderr    # the films that failed to load too
+    assert "Traceback" not in result.stderr
+    again = cli("-v", "run", f"DATA_FILE={records}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "WORKERS=0")
+    assert again.returncode == 3 and "0 heatmaps written, 4 failed" in again.stdout, again.stderr
+    # -v: below a film's ERROR line, where it failed (the reader of images), down to the decoder's own error
+    failure = again.stderr.split("films/broken.png: load failed: ", 1)[-1]
+    assert "Traceback" in failure and f"attention_map{os.sep}images.py" in failure, again.stderr
+    assert "PIL.UnidentifiedImageError" in failure.split("films/missing.png")[0], again.stderr
 
 
 def test_cam_version_picks_the_method_and_the_manifest_says_which(tmp_path, tiny_model, cxr):
