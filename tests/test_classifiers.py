@@ -103,10 +103,49 @@ def test_weights_that_do_not_fit_name_missing_and_unexpected_keys(classifiers, t
     message = str(error.value)
     assert "\n" not in message and str(wrong) in message
     assert "1 missing keys (layer4.0.conv1.weight)" in message and "1 unexpected keys (layer9.weight)" in message
-    not_weights = tmp_path / "notes.pt"
-    not_weights.write_text("not a checkpoint")
-    with pytest.raises(ModelLoadError, match="not a readable PyTorch or safetensors weights file"):
-        load_model("timm:resnet10t", CPU, weights=not_weights)
+
+
+def test_a_weights_file_that_cannot_be_read_is_one_line_saying_why(classifiers, tmp_path):
+    """Text, a cut-short file of either format, and a training checkpoint that pickles its hyper-parameters beside
+    the tensors (which torch.load refuses with a page of advice): one line each, naming the file and what it holds;
+    the remedy it gives for the checkpoint loads, its keys named as the Lightning module named them."""
+    import argparse
+
+    state = load_file(str(classifiers["timm-resnet"] / "model.safetensors"))
+    torch.save({"state_dict": {f"model.{key}": value for key, value in state.items()},
+                "hparams": argparse.Namespace(lr=1e-3)}, tmp_path / "last.ckpt")
+    torch.save(state, tmp_path / "whole.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for name, source in (("cut.pt", "whole.pt"), ("cut.safetensors", classifiers["timm-resnet"] / "model.safetensors"),
+                         ("notes.safetensors", "notes.pt")):
+        (tmp_path / name).write_bytes((tmp_path / source).read_bytes()[:2000])
+    for name in ("notes.pt", "cut.pt", "cut.safetensors", "notes.safetensors", "last.ckpt"):
+        with pytest.raises(ModelLoadError) as error:
+            load_model("timm:resnet10t", CPU, weights=tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"MODEL_WEIGHTS={tmp_path / name}: ") and "\n" not in message, message
+        assert "\x1b" not in message and len(message) < 400, message
+        if name == "last.ckpt":
+            assert "a pickled argparse.Namespace beside its tensors" in message and "state_dict alone" in message
+        else:
+            assert "not a readable PyTorch or safetensors weights file (" in message, message
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)     # the remedy, on a file this test made
+    torch.save(checkpoint["state_dict"], tmp_path / "weights.pt")
+    model = load_model("timm:resnet10t", CPU, weights=tmp_path / "weights.pt")
+    assert torch.equal(model.module.state_dict()["fc.weight"], state["fc.weight"])
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "module.model."])
+def test_weights_saved_with_a_prefix_to_every_key_load(classifiers, tmp_path, prefix):
+    """DataParallel's `module.`, a Lightning module's `model.`: the prefix is dropped where the model lacks it."""
+    state = load_file(str(classifiers["timm-resnet"] / "model.safetensors"))
+    torch.save({"epoch": 3, "state_dict": {prefix + key: value for key, value in state.items()}}, tmp_path / "w.pt")
+    loaded = load_model("timm:resnet10t", CPU, weights=tmp_path / "w.pt").module.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+    del state["fc.bias"]        # keys that do not fit are named as the model would name them
+    torch.save({prefix + key: value for key, value in state.items()}, tmp_path / "w.pt")
+    with pytest.raises(ModelLoadError, match=r"1 missing keys \(fc\.bias\), 0 unexpected keys"):
+        load_model("timm:resnet10t", CPU, weights=tmp_path / "w.pt")
 
 
 def test_target_names_must_fit_the_outputs(classifiers):

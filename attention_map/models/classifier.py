@@ -13,6 +13,7 @@ torchvision weights' transforms, torchxrayvision's one grey channel in [-1024, 1
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -103,32 +104,55 @@ class Classifier(ModelAdapter):
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The weights in `path`: a state_dict, or a checkpoint holding one under a usual key; the prefix that
-    DataParallel adds ('module.') is dropped."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        try:
+    """The weights in `path`: a state_dict, or a checkpoint holding one under a usual key."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:   # not a torch file, truncated, pickled code objects: one line, naming the file
-            reason = str(error).splitlines()[0] if str(error) else ""
-            raise ModelLoadError(f"MODEL_WEIGHTS={path}: not a readable PyTorch or safetensors weights file "
-                                 f"(torch.load: {type(error).__name__} {reason})") from None
+    except Exception as error:   # not a weights file, cut short, Python objects beside the tensors: one line
+        raise ModelLoadError(f"MODEL_WEIGHTS={path}: {_unreadable(error)}") from None
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"MODEL_WEIGHTS={path}: holds no state_dict (a mapping of names to tensors)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _as_named_in(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the keys `module` gives: a leading part that every key shares and that names none of the model's
+    (DataParallel's `module.`, the attribute a Lightning module holds the network in, e.g. `model.`) is dropped."""
+    names, stripped = module.state_dict().keys(), state
+    while (stripped and not stripped.keys() & names and all("." in key for key in stripped)
+           and len({key.partition(".")[0] for key in stripped}) == 1):
+        stripped = {key.partition(".")[2]: value for key, value in stripped.items()}
+        if stripped.keys() & names:
+            return stripped
+    return state
+
+
+def _unreadable(error: Exception) -> str:
+    """Why a weights file was refused, in one line. torch.load's weights-only refusal is a page of advice, with
+    terminal colour codes, around the one sentence that says what the file holds."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:     # a training checkpoint with its hyper-parameters, paths, ... pickled beside the weights
+        return (f"the checkpoint holds a pickled {refused.group(1)} beside its tensors, which loads only by running "
+                f"code from the file; save its state_dict alone (torch.save(checkpoint['state_dict'], 'weights.pt') "
+                f"where the file is trusted) or as .safetensors")
+    reason = (unpickler.group(1) if unpickler else text.strip().splitlines()[0] if text.strip() else "").strip()
+    reason = re.split(r"\.(?:\s|$)", reason)[0]      # the first sentence: a cut-short zip's is followed by four
+    return (f"not a readable PyTorch or safetensors weights file ({type(error).__name__}"
+            f"{': ' + reason if reason else ''})")
 
 
 def load_weights(module: torch.nn.Module, path: Path, spec: str) -> None:
     """Load `path` into `module`; a classification head of another size is rebuilt to fit the weights first."""
-    state = read_state_dict(path)
+    state = _as_named_in(module, read_state_dict(path))
     head_name, head = ([(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
                        or [("", None)])[-1]
     weight = state.get(f"{head_name}.weight") if head is not None else None
