@@ -142,8 +142,8 @@ def _unreadable(error: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if refused:     # a training checkpoint with its hyper-parameters, paths, ... pickled beside the weights
         return (f"the checkpoint holds a pickled {refused.group(1)} beside its tensors, which loads only by running "
-                f"code from the file; save its state_dict alone (torch.save(checkpoint['state_dict'], 'weights.pt') "
-                f"where the file is trusted) or as .safetensors")
+                f"code from the file; where the file is trusted, save the model's state_dict alone (e.g. "
+                f"torch.save(checkpoint['state_dict'], 'weights.pt')) or as .safetensors")
     reason = (unpickler.group(1) if unpickler else text.strip().splitlines()[0] if text.strip() else "").strip()
     reason = re.split(r"\.(?:\s|$)", reason)[0]      # the first sentence: a cut-short zip's is followed by four
     return (f"not a readable PyTorch or safetensors weights file ({type(error).__name__}"
