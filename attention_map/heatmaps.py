@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import sys
 
 from . import outputs
@@ -150,10 +151,20 @@ class StageError(Exception):
         return failure
 
 
+# A write refused for these would be refused for every film after it: the run stops rather than fail them all.
+FILE_SYSTEM_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 @contextlib.contextmanager
 def _stage(name: str):
-    """Turns the errors an item can raise into a StageError naming where it happened."""
+    """Turns the errors an item can raise into a StageError naming where it happened; a full or read-only file
+    system stops the run instead (an OSError, exit status 1)."""
     try:
         yield
-    except (ImageError, OSError, ValueError, RuntimeError) as error:
+    except OSError as error:
+        if name == "write" and error.errno in FILE_SYSTEM_FULL:
+            raise OSError(error.errno, f"{error.strerror}; the run stops here, what was finished is kept, and the same "
+                                       f"command resumes it", error.filename) from error
+        raise StageError.of(name, error) from error
+    except (ImageError, ValueError, RuntimeError) as error:
         raise StageError.of(name, error) from error

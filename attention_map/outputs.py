@@ -121,8 +121,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):      # a full disk, a folder in the output's place: name the output
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
 
 

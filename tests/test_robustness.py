@@ -465,6 +465,37 @@ def test_a_dead_worker_process_fails_its_films_not_the_run(tmp_path, tiny_model,
     assert len(read_manifest(tmp_path / "out")) == 6
 
 
+def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_it(tmp_path, tiny_model, monkeypatch):
+    """Every film after the first write refused for room would fail too: the run stops there (status 1, one line
+    naming the file), rather than fail the films one by one and list them all in errors.csv."""
+    import errno
+
+    from attention_map import outputs
+    from attention_map.synthetic import write_demo_data
+
+    data = write_demo_data(tmp_path / "data", count=4, size=96)
+    out = tmp_path / "out"
+    args = ("run", f"DATA_FILE={data}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "WORKERS=0")
+    write_png, refused = outputs.write_png, []
+
+    def full_after_two_overlays(path, image):
+        if len(list((out / "films").glob("*_idx0.png"))) == 2:
+            refused.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_png(path, image)
+
+    monkeypatch.setattr(outputs, "write_png", full_after_two_overlays)
+    full = cli(*args)
+    assert full.returncode == 1 and len(refused) == 1, full.stderr
+    assert full.stderr.splitlines()[-1] == (f"attention-map: {refused[0]}: No space left on device; the run stops "
+                                            f"here, what was finished is kept, and the same command resumes it")
+    assert " ERROR " not in full.stderr and not (out / "errors.csv").exists()
+    monkeypatch.setattr(outputs, "write_png", write_png)      # room again
+    again = cli(*args)
+    assert again.returncode == 0 and "2 heatmaps written, 0 failed, 2 already done" in again.stdout, again.stderr
+    assert len(read_manifest(out)) == 4
+
+
 def test_a_write_failure_in_a_worker_process_names_the_stage(tmp_path, tiny_model):
     from attention_map.synthetic import write_demo_data
 
@@ -477,4 +508,6 @@ def test_a_write_failure_in_a_worker_process_names_the_stage(tmp_path, tiny_mode
     with open(out / "errors.csv", newline="") as handle:
         errors = list(csv.DictReader(handle))
     assert [(e["image_path"], e["stage"]) for e in errors] == [("films/synthetic_002.png", "write")]
+    # the reason names the output in the way, not the temporary file it was written to first
+    assert errors[0]["reason"] == f"[Errno 21] Is a directory: '{out / 'films' / 'synthetic_002_idx0.png'}'"
     assert len(read_manifest(out)) == 3
