@@ -268,15 +268,11 @@ def evaluate(output_dir: Path, truth_path: Path, top_percent: float = 15.0, resa
     return result
 
 
-# a run's file gone or damaged after the run: the run's own command remakes it
-REMAKE = "the same `attention-map run` again (RESUME=true) remakes the run's missing or damaged files"
-
-
 def read_raw_map(output_dir: Path, name: str) -> np.ndarray:
     """A run's 16-bit raw map as float64 in [0, 1]."""
     heat = cv2.imread(str(output_dir / name), cv2.IMREAD_UNCHANGED) if (output_dir / name).is_file() else None
     if heat is None:
-        raise EvaluationError(f"{output_dir / name}: raw map missing or unreadable; {REMAKE}")
+        raise EvaluationError(f"{output_dir / name}: raw map missing or unreadable; {outputs.REMAKE}")
     return heat.astype(np.float64) / RAW_MAX
 
 
@@ -286,9 +282,9 @@ def png_size(path: Path) -> tuple[int, int]:
         with open(path, "rb") as handle:
             header = handle.read(24)
     except OSError as error:
-        raise EvaluationError(f"{path}: cannot read it ({error.strerror}); {REMAKE}") from None
+        raise EvaluationError(f"{path}: cannot read it ({error.strerror}); {outputs.REMAKE}") from None
     if len(header) < 24 or header[:8] != b"\x89PNG\r\n\x1a\n":
-        raise EvaluationError(f"{path}: not a PNG; {REMAKE}")
+        raise EvaluationError(f"{path}: not a PNG; {outputs.REMAKE}")
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 

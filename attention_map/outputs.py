@@ -106,6 +106,8 @@ def boxes_text(boxes) -> str:
 
 
 TEMPORARY_SUFFIX = ".am-tmp"
+# a run's file gone or damaged after the run: the run's own command remakes it
+REMAKE = "the same `attention-map run` again (RESUME=true) remakes the run's missing or damaged files"
 
 # The process's umask, read once at import (reading it means setting it, which is not safe once threads run).
 _UMASK = os.umask(0o022)

@@ -66,8 +66,11 @@ def _data_uri(image: np.ndarray | None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode() if ok else ""
 
 
-def _read(path: Path) -> np.ndarray | None:
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def _read(path: Path, unread: list[Path]) -> np.ndarray | None:
+    """The run's image at `path`, RGB; None, and `path` added to `unread`, where it is gone or damaged."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if path.is_file() else None   # OpenCV warns of a missing one
+    if image is None:
+        unread.append(path)
     if image is not None and image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
@@ -91,8 +94,9 @@ def _img(uri: str, alt: str) -> str:
 
 
 def _card(output_dir: Path, image_root: Path | None, order: int, row: dict, score: dict | None,
-          clinicians: dict | None, films: dict) -> str:
-    """The HTML of one heatmap: its images (the film's from `films`, made once per film) and texts."""
+          clinicians: dict | None, films: dict, unread: list[Path]) -> str:
+    """The HTML of one heatmap: its images (the film's from `films`, made once per film; the run's own that cannot
+    be read added to `unread`) and texts."""
     film = (row["source_image"], row.get("frame", ""))
     if film not in films:
         films[film] = _data_uri(_film(image_root, *film))
@@ -113,11 +117,11 @@ def _card(output_dir: Path, image_root: Path | None, order: int, row: dict, scor
                               (("nss", "NSS"), ("auc_judd", "AUC-Judd")) if clinicians.get(name, "") != ""))
     metrics = f'<div class="metrics">{metrics}</div>' if metrics else ""
     boxes_image = outputs.boxes_image_name(row["image_path"])
-    boxes = (_img(_data_uri(_read(output_dir / boxes_image)), "boxes")
+    boxes = (_img(_data_uri(_read(output_dir / boxes_image, unread)), "boxes")
              if row.get("boxes") and (output_dir / boxes_image).is_file() else "")
     warning = f'<div class="text"><span class="label">warning:</span> {escape(row["warning"])}</div>' \
         if row.get("warning") else ""
-    raw = _data_uri(_read(output_dir / row["raw_map"])) if row.get("raw_map") else ""
+    raw = _data_uri(_read(output_dir / row["raw_map"], unread)) if row.get("raw_map") else ""
     explained = ([f'{row["target"]} (score {row["score"]})'] if row.get("target", row["prompt"]) != row["prompt"]
                  else [])
     if row.get("detections"):   # a detector's, on the film
@@ -135,7 +139,8 @@ def _card(output_dir: Path, image_root: Path | None, order: int, row: dict, scor
     return (
         f'<div class="card {kind}"{data}>'
         f'<div class="images">{_img(films[film], "film")}'
-        f'{_img(_data_uri(_read(output_dir / row["image_path"])), "overlay")}{boxes}{_img(raw, "raw map")}</div>'
+        f'{_img(_data_uri(_read(output_dir / row["image_path"], unread)), "overlay")}{boxes}{_img(raw, "raw map")}'
+        f'</div>'
         f'<div class="text"><span class="label">question:</span> {escape(row["question"])}</div>'
         f'<div class="text"><span class="label">answer:</span> {escape(row["answer"])}</div>'
         f'<div class="text"><span class="label">prompt:</span> {escape(row["prompt"])} '
@@ -177,11 +182,11 @@ def write_report(output_dir: Path, per_page: int = PER_PAGE) -> list[Path]:
             stale.unlink()
     top = (f'<h1>{len(rows)} heatmaps on {len({(r["source_image"], r.get("frame", "")) for r in rows})} films</h1>'
            f'{summary}<div class="bar">{buttons}</div>')
-    films, cards, unread = {}, [], set()     # films: the thumbnails of this page's films, each made once
+    films, cards, unread, gone = {}, [], set(), []   # films: the thumbnails of this page's films, each made once
     for order in progress(range(len(rows)), "report"):
         row = rows[order]
         cards.append(_card(output_dir, image_root, order, row, scores.get(row["image_path"]),
-                           agreed.get(row["image_path"]), films))
+                           agreed.get(row["image_path"]), films, gone))
         if len(cards) == per_page or order == len(rows) - 1:
             _write_page(output_dir, order // per_page + 1, pages, per_page, top, cards)
             unread.update(film for film, uri in films.items() if not uri)
@@ -189,6 +194,9 @@ def write_report(output_dir: Path, per_page: int = PER_PAGE) -> list[Path]:
     if unread:
         log.warning("%d films could not be read under IMAGE_ROOT=%s (from %s), e.g. %s: their cards show the maps "
                     "without the film", len(unread), image_root, outputs.RUN_CONFIG, next(iter(unread))[0])
+    if gone:
+        log.warning("%d of the run's images are missing or damaged, e.g. %s: their cards say so; %s", len(gone),
+                    gone[0], outputs.REMAKE)
     if not rows:
         _write_page(output_dir, 1, 1, per_page, top, [])
     return [output_dir / _page_name(number) for number in range(1, pages + 1)]

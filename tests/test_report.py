@@ -31,7 +31,7 @@ def _browse(page, tmp_path, *mode):
                            *mode, page.as_uri()], capture_output=True, text=True, timeout=120)
 
 
-def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny_model):
+def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny_model, capfd):
     records = write_demo_data(tmp_path / "data", count=2, size=192)
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     lines[0]["question"] = HOSTILE_QUESTION
@@ -79,3 +79,16 @@ def test_report_renders_the_images_and_shows_hostile_text_as_text(tmp_path, tiny
     moved = cli("report", out)
     assert moved.returncode == 0 and f"2 films could not be read under IMAGE_ROOT={tmp_path / 'moved'}" in moved.stderr
     assert out.joinpath("index.html").read_text().count("(film not available)") == 6
+
+    # an overlay gone and a raw map cut short after the run: one warning names one and says how to remake them
+    first = sorted((out / "films").glob("*_idx0.png"))[0]
+    first.unlink()
+    raw = next((out / "films").glob("*_cam.png"))
+    raw.write_bytes(raw.read_bytes()[:300])
+    capfd.readouterr()
+    damaged = cli("report", out)
+    assert damaged.returncode == 0 and "WARN" not in capfd.readouterr().err      # nor OpenCV's own line on stderr
+    assert (f"2 of the run's images are missing or damaged, e.g. {first}: their cards say so; the same "
+            f"`attention-map run` again (RESUME=true) remakes" in damaged.stderr), damaged.stderr
+    html = out.joinpath("index.html").read_text()
+    assert html.count("(overlay not available)") == 1 and html.count("(raw map not available)") == 1
