@@ -249,7 +249,7 @@ def _bash_error(said: re.Match, path: Path) -> str:
     command = re.match(r"(.+): command not found$", message)
     if command and command.group(1) in KEYS:
         problem += f" (bash takes no spaces around '=': {command.group(1)}=value)"
-    if "\r" in said.group(0):
+    if "\r" in said.group(0) or "$'\\r'" in message:     # bash names a blank line's lone \r as $'\r'
         problem += " (the file has Windows line endings: convert it with dos2unix)"
     return problem
 

@@ -164,6 +164,12 @@ def test_a_file_with_windows_line_endings_runs_or_says_why_not(tmp_path):
         load_settings(conf)
     assert caught.value.problems == [f"{conf}: OUTPUT_DIR='{tmp_path}/exp1\\r/maps' holds a carriage return (\\r): "
                                      "the file has Windows line endings; convert it with dos2unix"]
+    # a blank line, which such a file has between its groups of settings: bash runs its lone carriage return
+    conf.write_text(f'# the data\r\nDATA_FILE="{tmp_path}/records.jsonl"\r\n\r\nTOPK=8\r\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(conf)
+    assert caught.value.problems == [f"{conf}: line 3: $'\\r': command not found (the file has Windows line endings: "
+                                     "convert it with dos2unix)"]
 
 
 def test_run_config_round_trips(tmp_path):
