@@ -464,7 +464,9 @@ def load_settings(conf: Path | None = None,
             problems.append(str(error))
     settings = Settings(**typed)
     if settings.DATA_FILE is None and "DATA_FILE" not in raw:
-        problems.append(f"{conf or 'command line'}: DATA_FILE is not set")
+        problems.append(f"{conf}: DATA_FILE is not set" if conf is not None else
+                        "DATA_FILE is not set: give an experiment file that sets it (`--config configs/demo.conf`, "
+                        "say) or DATA_FILE=<records file> on the command line")
     kind = model_kind(settings.MODEL)
     if kind in ("vision-text", "vlm"):
         where = {name: raw[name][1] for name in ("MODEL_WEIGHTS", "TARGETS", "TARGET_NAMES") if name in raw}

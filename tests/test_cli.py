@@ -124,6 +124,10 @@ def test_config_errors_stop_before_anything_is_written(tmp_path):
     assert "TOPK=-1 is below the minimum 1" in result.stderr
     assert "unknown key COLOURMAP; did you mean COLORMAP?" in result.stderr
     assert not out.exists()
+    bare = cli("run", f"OUTPUT_DIR={out}")      # a first try without an experiment file says what to give
+    assert bare.returncode == 2 and bare.stderr.splitlines()[-1] == (
+        "attention-map: DATA_FILE is not set: give an experiment file that sets it (`--config configs/demo.conf`, "
+        "say) or DATA_FILE=<records file> on the command line")
 
 
 def test_a_run_refused_for_its_settings_says_which_variable_expanded_to_nothing(tmp_path, monkeypatch):
