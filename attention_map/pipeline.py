@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -216,6 +217,9 @@ class _Films(torch.utils.data.Dataset):
             film, error = read_film(source.path, self.max_pixels, source.frame), None
         except (ImageError, OSError, ValueError) as problem:   # returned, not raised: it costs only this film
             film, error = None, problem
+            if torch.utils.data.get_worker_info() is not None:    # its traceback, which -v shows, stays behind
+                problem.__suppress_context__ = False
+                problem.add_note("".join(traceback.format_exception(problem)).rstrip())
         return position, film, error, time.perf_counter() - started
 
 

@@ -330,6 +330,9 @@ def test_a_bad_image_or_record_costs_only_itself(tmp_path, tiny_model):
     failure = again.stderr.split("films/broken.png: load failed: ", 1)[-1]
     assert "Traceback" in failure and f"attention_map{os.sep}images.py" in failure, again.stderr
     assert "PIL.UnidentifiedImageError" in failure.split("films/missing.png")[0], again.stderr
+    decoded = cli("-v", "run", f"DATA_FILE={records}", f"MODEL={tiny_model}", f"OUTPUT_DIR={out}", "WORKERS=1")
+    failure = decoded.stderr.split("films/broken.png: load failed: ", 1)[-1].split("films/missing.png")[0]
+    assert "PIL.UnidentifiedImageError" in failure, decoded.stderr      # from the decoding worker process too
 
 
 def test_cam_version_picks_the_method_and_the_manifest_says_which(tmp_path, tiny_model, cxr):
