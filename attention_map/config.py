@@ -106,7 +106,8 @@ class Settings:
     MODEL_WEIGHTS: Path | None = _key(None, "a classifier's or detector's weights: a state_dict or a checkpoint "
                                       "holding one (.pt, .pth, .safetensors); empty: the library's own weights",
                                       "file", optional=True)
-    DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu", "choice", ("auto", "cuda", "cpu"))
+    DEVICE: str = _key("auto", "auto (cuda when available), cuda or cpu (which GPU: CUDA_VISIBLE_DEVICES)", "choice",
+                       ("auto", "cuda", "cpu"))
     PRECISION: str = _key("auto", "arithmetic of the masked forwards: auto (fp32), fp32, tf32, bf16, fp16; all "
                           "but fp32 on cuda only; a VLM's weights: auto is bf16 on cuda", "choice",
                           ("auto", "fp32", "tf32", "bf16", "fp16"))
@@ -364,7 +365,10 @@ def _parse_value(name: str, raw: str, where: str):
     if kind == "choice":
         spelled = {choice.lower(): choice for choice in meta["choices"]}   # any case, stored as the choice is written
         if raw.lower() not in spelled:
-            raise ValueError(f"{where}: {name}={raw!r} is not one of {', '.join(meta['choices'])}")
+            gpu = re.fullmatch(r"cuda:(\d+)", raw.strip().lower()) if name == "DEVICE" else None
+            raise ValueError(f"{where}: {name}={raw!r} is not one of {', '.join(meta['choices'])}" + (
+                f" (for GPU {gpu.group(1)}, set CUDA_VISIBLE_DEVICES={gpu.group(1)} and DEVICE=cuda; a Slurm job sees "
+                f"its own GPUs only)" if gpu else ""))
         return spelled[raw.lower()]
     if kind in ("path", "file", "dir", "outdir"):
         value = Path(raw).expanduser()

@@ -100,6 +100,11 @@ def test_body_mask_is_chosen_by_name_and_enable_body_mask_false_still_means_none
     with pytest.raises(ConfigError, match=re.escape("BODY_MASK='lungs' is not one of air, otsu, none")):
         load_settings(None, {**data, "BODY_MASK": "lungs"})
     assert set(Settings.__dataclass_fields__["BODY_MASK"].metadata["choices"]) == set(BODY_MASKS) | {"none"}
+    # PyTorch's way of naming a GPU, which the run does not take: the message says what does
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {**data, "DEVICE": "cuda:1"})
+    assert caught.value.problems == ["command line: DEVICE='cuda:1' is not one of auto, cuda, cpu (for GPU 1, set "
+                                     "CUDA_VISIBLE_DEVICES=1 and DEVICE=cuda; a Slurm job sees its own GPUs only)"]
 
 
 def test_every_bad_value_is_reported_one_line_each(tmp_path):
