@@ -161,10 +161,8 @@ def _stage(name: str):
     system stops the run instead (an OSError, exit status 1)."""
     try:
         yield
-    except OSError as error:
-        if name == "write" and error.errno in FILE_SYSTEM_FULL:
+    except (ImageError, OSError, ValueError, RuntimeError) as error:
+        if name == "write" and isinstance(error, OSError) and error.errno in FILE_SYSTEM_FULL:
             raise OSError(error.errno, f"{error.strerror}; the run stops here, what was finished is kept, and the same "
                                        f"command resumes it", error.filename) from error
-        raise StageError.of(name, error) from error
-    except (ImageError, ValueError, RuntimeError) as error:
         raise StageError.of(name, error) from error
